@@ -1,0 +1,3 @@
+from pocketllm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""/v1/auth: sign-up, sign-in, refresh, sign-out, password change and invite-code checks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, status
+
+from pocketllm.auth import service
+from pocketllm.auth.backends.local import PasswordUnchanged, RefreshTokenInvalid
+from pocketllm.auth.dependencies import Backend, Client, CurrentUser
+from pocketllm.auth.emails import InvalidEmail
+from pocketllm.auth.schemas import (
+    AuthFeatureAvailabilityResponse,
+    InviteCodeDetails,
+    InviteCodeValidationRequest,
+    InviteCodeValidationResponse,
+    MagicLinkRequest,
+    OAuthProviderRequest,
+    PasswordChangeRequest,
+    PasswordChangeResponse,
+    PhoneOtpRequest,
+    RefreshTokenRequest,
+    RefreshTokenResponse,
+    SignInRequest,
+    SignInResponse,
+    SignOutRequest,
+    SignOutResponse,
+    SignUpRequest,
+    SignUpResponse,
+)
+from pocketllm.db.dependencies import DbSession
+from pocketllm.errors import InvalidInput, NotAuthenticated, UpstreamError, error_responses
+from pocketllm.referrals import service as referrals
+
+router = APIRouter(prefix="/v1/auth", tags=["auth"])
+
+_INVITE_STATUS_MESSAGES = {
+    "valid": "The invite code is valid.",
+    "inactive": "The invite code has been deactivated.",
+    "expired": "The invite code has expired.",
+    "exhausted": "The invite code has no uses left.",
+}
+
+
+class InviteCodeNotFound(InvalidInput):
+    code = "invite_code_not_found"
+    default_message = "No invite code matches; check the code for typos."
+
+
+@router.post(
+    "/signup",
+    response_model=SignUpResponse,
+    responses=error_responses(InvalidEmail, service.UserAlreadyExists, service.InviteRequired, UpstreamError),
+)
+async def sign_up(payload: SignUpRequest, backend: Backend, client: Client) -> SignUpResponse:
+    """Create an account; needs an invite code or an approved waitlist application unless INVITE_CODE=false."""
+    return await backend.sign_up(payload, client)
+
+
+@router.post(
+    "/signin",
+    response_model=SignInResponse,
+    responses=error_responses(service.InvalidCredentials, UpstreamError),
+)
+async def sign_in(payload: SignInRequest, backend: Backend, client: Client) -> SignInResponse:
+    """Sign in with e-mail and password; cancels a scheduled account deletion."""
+    return await backend.sign_in(payload, client)
+
+
+@router.post(
+    "/refresh",
+    response_model=RefreshTokenResponse,
+    responses=error_responses(RefreshTokenInvalid, UpstreamError),
+)
+async def refresh(payload: RefreshTokenRequest, backend: Backend) -> RefreshTokenResponse:
+    """Exchange a refresh token for a new access token."""
+    return await backend.refresh(payload.refresh_token)
+
+
+@router.post("/signout", response_model=SignOutResponse, responses=error_responses(NotAuthenticated))
+async def sign_out(
+    user: CurrentUser, backend: Backend, payload: Annotated[SignOutRequest | None, Body()] = None
+) -> SignOutResponse:
+    """Revoke the current session (or, with `scope`, all or all other sessions); its tokens stop working."""
+    return await backend.sign_out(user, (payload or SignOutRequest()).scope)
+
+
+@router.post(
+    "/password/change",
+    response_model=PasswordChangeResponse,
+    responses=error_responses(NotAuthenticated, service.IncorrectPassword, PasswordUnchanged, UpstreamError),
+)
+async def change_password(
+    payload: PasswordChangeRequest, user: CurrentUser, backend: Backend
+) -> PasswordChangeResponse:
+    """Change the password after checking the current one; other sessions are signed out."""
+    return await backend.change_password(user, payload.old, payload.new)
+
+
+@router.post(
+    "/validate-invite-code",
+    response_model=InviteCodeValidationResponse,
+    responses=error_responses(InviteCodeNotFound),
+)
+async def validate_invite_code(
+    payload: InviteCodeValidationRequest, session: DbSession
+) -> InviteCodeValidationResponse:
+    """Report whether an invite code can be used to sign up, without using it."""
+    invite = await referrals.get_invite_code(session, payload.code)
+    if invite is None:
+        raise InviteCodeNotFound()
+
+    invite_status = referrals.invite_code_status(invite)
+    return InviteCodeValidationResponse(
+        valid=invite_status == "valid",
+        status=invite_status,
+        message=_INVITE_STATUS_MESSAGES[invite_status],
+        code=InviteCodeDetails(
+            id=invite.id,
+            code=invite.code,
+            max_uses=invite.max_uses,
+            uses_count=invite.uses_count,
+            remaining_uses=max(0, invite.max_uses - invite.uses_count),
+            expires_at=invite.expires_at,
+        ),
+    )
+
+
+def _coming_soon(feature: str, what: str) -> AuthFeatureAvailabilityResponse:
+    return AuthFeatureAvailabilityResponse(
+        feature=feature, message=f"{what} is not available yet; sign in with e-mail and password."
+    )
+
+
+@router.post("/signin/magic-link", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+async def magic_link(payload: MagicLinkRequest) -> AuthFeatureAvailabilityResponse:
+    """Announce the upcoming passwordless e-mail sign-in; nothing is sent."""
+    return _coming_soon("magic_link", "Magic-link sign-in")
+
+
+@router.post("/signin/otp", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+async def phone_otp(payload: PhoneOtpRequest) -> AuthFeatureAvailabilityResponse:
+    """Announce the upcoming SMS one-time-passcode sign-in; nothing is sent."""
+    return _coming_soon("sms_otp", "SMS one-time-passcode sign-in")
+
+
+@router.post("/signin/oauth", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+async def oauth(payload: OAuthProviderRequest) -> AuthFeatureAvailabilityResponse:
+    """Announce upcoming sign-in through a third-party OAuth provider."""
+    provider = payload.provider.lower()
+    return _coming_soon(f"oauth:{provider}", f"Sign-in with {provider}")

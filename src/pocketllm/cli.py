@@ -1,0 +1,230 @@
+"""The `pocketllm` command: serve the API, apply migrations and run operator tasks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from cryptography.fernet import Fernet
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pocketllm import __version__
+from pocketllm.config import ConfigurationError, Settings, load_settings
+from pocketllm.db.engine import Database, create_engine
+from pocketllm.db.migrate import current_revision, head_revision, upgrade_database
+from pocketllm.errors import InvalidInput
+from pocketllm.kit.logging import configure_logging
+
+T = TypeVar("T")
+
+DESCRIPTION = """\
+PocketLLM Server: the backend of the PocketLLM chat app.
+
+Settings come from environment variables and a .env file in the working directory (see
+docs/configuration.md). Without any, the server keeps its SQLite database and generated secrets in
+./pocketllm-data (DATA_DIR).
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketllm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="apply pending migrations, then serve the HTTP API", description="Serve the HTTP API."
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="number of API worker processes (default: %(default)s); use PostgreSQL for more than one",
+    )
+
+    migrate = commands.add_parser(
+        "migrate", help="apply database migrations", description="Upgrade the database schema."
+    )
+    migrate.add_argument("--revision", default="head", help="target revision (default: %(default)s)")
+    migrate.add_argument("--show", action="store_true", help="print the current and latest revision only")
+
+    invites = commands.add_parser("invites", help="create and list invite codes")
+    invite_commands = invites.add_subparsers(dest="invites_command", required=True, metavar="ACTION")
+    create = invite_commands.add_parser("create", help="create an invite code and print it")
+    create.add_argument("--max-uses", type=int, default=1, help="how many sign-ups it allows (default: 1)")
+    create.add_argument("--expires-in-days", type=float, default=None, help="days until it expires (default: never)")
+    create.add_argument("--code", default=None, help="use this code instead of a random one")
+    invite_commands.add_parser("list", help="list invite codes with their use counts")
+
+    waitlist = commands.add_parser("waitlist", help="manage waitlist applications")
+    waitlist_commands = waitlist.add_subparsers(dest="waitlist_command", required=True, metavar="ACTION")
+    approve = waitlist_commands.add_parser(
+        "approve", help="approve an application so that its e-mail address can sign up without a code"
+    )
+    approve.add_argument("email", help="the applicant's e-mail address")
+
+    keys = commands.add_parser("keys", help="encryption key tools")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_commands.add_parser("generate", help="print a new random key for ENCRYPTION_KEY")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _build_parser().parse_args(argv)
+
+    if arguments.command == "keys":
+        print(Fernet.generate_key().decode())
+        return 0
+
+    try:
+        settings = load_settings()
+    except (ConfigurationError, ValidationError) as error:
+        print(f"pocketllm: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+
+    try:
+        if arguments.command == "serve":
+            return _serve(settings, arguments.host, arguments.port, arguments.workers)
+        if arguments.command == "migrate":
+            return _migrate(settings, arguments.revision, show=arguments.show)
+        if arguments.command == "invites":
+            if arguments.invites_command == "create":
+                return _run_in_transaction(
+                    settings,
+                    lambda session: _create_invite(
+                        session, arguments.max_uses, arguments.expires_in_days, arguments.code
+                    ),
+                )
+            return _run_in_transaction(settings, _list_invites)
+        if arguments.command == "waitlist":
+            return _run_in_transaction(settings, lambda session: _approve(session, arguments.email))
+    except InvalidInput as error:
+        print(f"pocketllm: {error.message}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {arguments.command}")
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    import uvicorn
+
+    if workers < 1:
+        print("pocketllm: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > 1 and settings.is_sqlite:
+        print(
+            "pocketllm: several workers need PostgreSQL (set DATABASE_URL); SQLite allows one writer process.",
+            file=sys.stderr,
+        )
+        return 2
+
+    # Migrate once here, so that worker processes do not race to do it.
+    if settings.migrate_on_start:
+        asyncio.run(_upgrade(settings, "head"))
+    os.environ["MIGRATE_ON_START"] = "false"
+    # Workers re-read the settings; point them at the same data directory and generated secrets.
+    os.environ.setdefault("DATA_DIR", str(settings.data_dir))
+
+    uvicorn.run(
+        "pocketllm.app:create_app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+    )
+    return 0
+
+
+def _migrate(settings: Settings, revision: str, *, show: bool) -> int:
+    if show:
+        current = asyncio.run(_with_engine(settings, current_revision))
+        print(f"current: {current or '(empty database)'}")
+        print(f"latest:  {head_revision()}")
+        return 0
+    asyncio.run(_upgrade(settings, revision))
+    print(f"database is at revision {revision if revision != 'head' else head_revision()}")
+    return 0
+
+
+async def _upgrade(settings: Settings, revision: str) -> None:
+    await _with_engine(settings, lambda engine: upgrade_database(engine, revision))
+
+
+async def _with_engine(settings: Settings, action: Callable[..., Awaitable[T]]) -> T:
+    engine = create_engine(settings.effective_database_url)
+    try:
+        return await action(engine)
+    finally:
+        await engine.dispose()
+
+
+def _run_in_transaction(settings: Settings, action: Callable[[AsyncSession], Awaitable[int]]) -> int:
+    async def run() -> int:
+        database = Database(create_engine(settings.effective_database_url))
+        try:
+            await upgrade_database(database.engine)
+            async with database.transaction() as session:
+                return await action(session)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+async def _create_invite(session: AsyncSession, max_uses: int, expires_in_days: float | None, code: str | None) -> int:
+    from pocketllm.referrals import service as referrals
+
+    if max_uses < 1:
+        raise InvalidInput("--max-uses must be at least 1")
+    if expires_in_days is not None and expires_in_days <= 0:
+        raise InvalidInput("--expires-in-days must be greater than 0")
+    if code is not None and not 5 <= len(code.strip()) <= 64:
+        raise InvalidInput("--code must be 5 to 64 characters long")
+    if code is not None and await referrals.get_invite_code(session, code) is not None:
+        raise InvalidInput(f"invite code {referrals.normalize_code(code)} already exists")
+
+    invite = await referrals.create_invite_code(session, max_uses=max_uses, expires_in_days=expires_in_days, code=code)
+    print(invite.code)
+    return 0
+
+
+async def _list_invites(session: AsyncSession) -> int:
+    from pocketllm.referrals import service as referrals
+
+    invites = await referrals.list_invite_codes(session)
+    if not invites:
+        print("no invite codes; create one with `pocketllm invites create`")
+        return 0
+    print(f"{'CODE':<20} {'STATUS':<10} {'USES':>9}  {'EXPIRES (UTC)':<20} CREATED (UTC)")
+    for invite in invites:
+        expires = invite.expires_at.strftime("%Y-%m-%d %H:%M") if invite.expires_at else "never"
+        uses = f"{invite.uses_count}/{invite.max_uses}"
+        status = referrals.invite_code_status(invite)
+        print(f"{invite.code:<20} {status:<10} {uses:>9}  {expires:<20} {invite.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+async def _approve(session: AsyncSession, raw_email: str) -> int:
+    from pocketllm.auth.emails import canonicalize_email
+    from pocketllm.referrals import service as referrals
+
+    email = canonicalize_email(raw_email)
+    _, created = await referrals.approve_application(session, email)
+    action = "created an approved application for" if created else "approved the application of"
+    print(f"{action} {email}; this address can now sign up without an invite code")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Settings read from the environment and `.env`, and the embedded defaults behind them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from cryptography.fernet import Fernet
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values that people paste from examples; a server must never sign tokens with them in production.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "your-secret", "your-jwt-secret", "super-secret-jwt-token"}
+)
+MIN_JWT_SECRET_LENGTH = 32
+JWT_SECRET_FILE = "jwt_secret"  # noqa: S105  (a file name)
+ENCRYPTION_KEY_FILE = "encryption_key"
+SQLITE_FILE = "pocketllm.db"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class AuthBackend(StrEnum):
+    LOCAL = "local"
+    SUPABASE = "supabase"
+
+
+class ConfigurationError(Exception):
+    """Settings that the server must not start with; the message names the setting to fix."""
+
+
+def _split_comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    data_dir: Path = Path("pocketllm-data")
+    database_url: str | None = None
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_max_overflow: int = Field(default=10, ge=0, le=200)
+    migrate_on_start: bool = True
+
+    auth_backend: AuthBackend = AuthBackend.LOCAL
+    jwt_secret: str | None = Field(default=None, validation_alias=AliasChoices("jwt_secret", "supabase_jwt_secret"))
+    jwt_algorithms: Annotated[list[str], NoDecode] = ["HS256"]
+    jwt_audience: str = "authenticated"
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    access_token_ttl_seconds: int = Field(default=3600, ge=60, le=86_400)
+    session_ttl_seconds: int = Field(default=30 * 86_400, ge=3600)
+    refresh_token_rotation: bool = False
+    refresh_token_reuse_interval_seconds: int = Field(default=10, ge=0, le=3600)
+    # Argon2id cost parameters; the defaults are argon2-cffi's (RFC 9106 low-memory profile).
+    password_hash_time_cost: int = Field(default=3, ge=1, le=20)
+    password_hash_memory_kib: int = Field(default=65_536, ge=8, le=4_194_304)
+    password_hash_parallelism: int = Field(default=4, ge=1, le=64)
+
+    supabase_url: str | None = None
+    supabase_anon_key: str | None = None
+    supabase_service_role_key: str | None = None
+    supabase_jwks_url: str | None = None
+    supabase_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    encryption_key: str | None = None
+    invite_code: bool = True
+    cors_origins: Annotated[list[str], NoDecode] = []
+    log_level: str = "INFO"
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+
+    # Set by `resolve_settings` when a secret came from the data directory instead of the environment.
+    generated_secrets: frozenset[str] = Field(default=frozenset(), exclude=True)
+
+    @field_validator("cors_origins", "jwt_algorithms", mode="before")
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        return _split_comma_list(value)
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _reject_none_algorithm(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("JWT_ALGORITHMS must name at least one algorithm")
+        if any(algorithm.lower() == "none" for algorithm in value):
+            raise ValueError("JWT_ALGORITHMS must not contain 'none'")
+        return value
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _check_supabase(self) -> Self:
+        if self.auth_backend is AuthBackend.SUPABASE:
+            if not self.supabase_url:
+                raise ValueError("SUPABASE_URL is required when AUTH_BACKEND=supabase")
+            if not self.supabase_anon_key:
+                raise ValueError("SUPABASE_ANON_KEY is required when AUTH_BACKEND=supabase")
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment is Environment.PRODUCTION
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / SQLITE_FILE).resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def token_issuer(self) -> str:
+        if self.jwt_issuer:
+            return self.jwt_issuer
+        if self.auth_backend is AuthBackend.SUPABASE and self.supabase_url:
+            return f"{self.supabase_url}/auth/v1"
+        return "pocketllm"
+
+    @property
+    def encryption_keys(self) -> list[str]:
+        return _split_comma_list(self.encryption_key or "")  # type: ignore[no-any-return]
+
+    def check_production_safety(self) -> None:
+        """Raise ConfigurationError when production would run on generated or missing secrets."""
+        if not self.is_production:
+            return
+
+        problems: list[str] = []
+        if "jwt_secret" in self.generated_secrets or not self.jwt_secret:
+            problems.append("JWT_SECRET must be set explicitly (a generated secret is not allowed)")
+        elif self.jwt_secret.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append("JWT_SECRET is a placeholder value; set a random secret")
+        elif len(self.jwt_secret) < MIN_JWT_SECRET_LENGTH:
+            problems.append(f"JWT_SECRET must be at least {MIN_JWT_SECRET_LENGTH} characters long")
+        if "encryption_key" in self.generated_secrets or not self.encryption_key:
+            problems.append("ENCRYPTION_KEY must be set explicitly (a generated key is not allowed)")
+        if self.is_sqlite:
+            problems.append("DATABASE_URL must point to PostgreSQL (postgresql+asyncpg://...), not SQLite")
+        if problems:
+            raise ConfigurationError("Refusing to start with ENVIRONMENT=production: " + "; ".join(problems) + ".")
+
+
+def _read_or_create_secret(path: Path, generate: Any) -> str:
+    """Return the secret stored at `path`, creating it with owner-only permissions on first use."""
+    if path.exists():
+        value = path.read_text(encoding="utf-8").strip()
+        if value:
+            return value
+
+    value = str(generate())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL keeps two processes starting at once from writing different secrets; the loser reads the winner's.
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def _validate_fernet_keys(keys: list[str]) -> None:
+    for index, key in enumerate(keys):
+        try:
+            Fernet(key.encode())
+        except ValueError as error:
+            raise ConfigurationError(
+                f"ENCRYPTION_KEY entry {index + 1} is not a valid Fernet key (32 url-safe base64-encoded "
+                "bytes); generate one with `pocketllm keys generate`."
+            ) from error
+
+
+def resolve_settings(settings: Settings) -> Settings:
+    """Fill in the embedded defaults and refuse unsafe production settings.
+
+    Outside production, a missing JWT secret or encryption key is generated once and kept in the data
+    directory, so tokens and encrypted data stay valid across restarts.
+    """
+    settings.check_production_safety()
+
+    updates: dict[str, Any] = {}
+    generated: set[str] = set(settings.generated_secrets)
+    needs_data_dir = settings.database_url is None or not settings.jwt_secret or not settings.encryption_key
+    if needs_data_dir:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    if not settings.jwt_secret:
+        updates["jwt_secret"] = _read_or_create_secret(
+            settings.data_dir / JWT_SECRET_FILE, lambda: secrets.token_urlsafe(48)
+        )
+        generated.add("jwt_secret")
+    if not settings.encryption_key:
+        updates["encryption_key"] = _read_or_create_secret(
+            settings.data_dir / ENCRYPTION_KEY_FILE, lambda: Fernet.generate_key().decode()
+        )
+        generated.add("encryption_key")
+
+    resolved = settings.model_copy(update={**updates, "generated_secrets": frozenset(generated)})
+    _validate_fernet_keys(resolved.encryption_keys)
+    return resolved
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment and `.env`, then resolve them."""
+    return resolve_settings(Settings())

@@ -1,0 +1,38 @@
+"""The request-scoped database session: one transaction per request, committed before the response."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pocketllm.db.engine import Database
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.app.state.database
+    return database
+
+
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """Commit after the handler returns and roll back on any exception; services only flush.
+
+    GET requests get a read-only session, which on SQLite does not wait for the write lock.
+    """
+    database = get_database(request)
+    if request.method in _READ_METHODS:
+        async with database.read_only() as session:
+            yield session
+        return
+    async with database.transaction() as session:
+        yield session
+
+
+# scope="function" ends the dependency (and so commits) before the response is sent, so a failed
+# commit becomes an error response instead of a success the database never stored.
+DbSession = Annotated[AsyncSession, Depends(get_db_session, scope="function")]

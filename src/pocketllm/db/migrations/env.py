@@ -1,0 +1,43 @@
+"""Alembic environment: runs on the connection handed over by `pocketllm.db.migrate`, or builds its own
+engine from the settings when Alembic's own command line is used."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+import pocketllm.models  # noqa: F401  (registers every table on the metadata)
+from pocketllm.db.base import Base
+
+target_metadata = Base.metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_with_own_engine() -> None:
+    from pocketllm.config import load_settings
+    from pocketllm.db.engine import create_engine
+
+    engine = create_engine(load_settings().effective_database_url)
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+        await connection.commit()
+    await engine.dispose()
+
+
+shared_connection = context.config.attributes.get("connection")
+if shared_connection is not None:
+    _run(shared_connection)
+else:
+    asyncio.run(_run_with_own_engine())

@@ -1,0 +1,169 @@
+"""Domain errors and the one place that renders every error response.
+
+Every error body is `{"detail": "<readable sentence>", "code": "<machine_code>"}`. Validation errors keep
+FastAPI's `detail` list and add a readable top-level `message`. The shipped client logs the user out on
+401 and re-sends 404/405/409/5xx to another host, so business failures use 400, 403 or 422.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger(__name__)
+
+
+class PocketLLMError(Exception):
+    """Base of all domain errors: carries the HTTP status, a stable machine code and a readable message."""
+
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    default_message: ClassVar[str] = "The request could not be processed."
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.message = message or self.default_message
+        self.headers = headers
+        super().__init__(self.message)
+
+
+class InvalidInput(PocketLLMError):
+    status_code = 400
+    code = "invalid_input"
+
+
+class NotAuthenticated(PocketLLMError):
+    status_code = 401
+    code = "not_authenticated"
+    default_message = "Authentication required: send 'Authorization: Bearer <access_token>'."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(PocketLLMError):
+    status_code = 403
+    code = "forbidden"
+    default_message = "You are not allowed to do this."
+
+
+class NotFound(PocketLLMError):
+    status_code = 404
+    code = "not_found"
+    default_message = "The requested resource was not found."
+
+
+class Conflict(PocketLLMError):
+    # 422, not 409: the shipped client re-sends 409 responses to a fallback host.
+    status_code = 422
+    code = "conflict"
+
+
+class UpstreamError(PocketLLMError):
+    status_code = 502
+    code = "upstream_error"
+    default_message = "An upstream service failed to answer."
+
+
+class ServiceUnavailable(PocketLLMError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    detail: str
+    code: str
+
+
+class ValidationErrorBody(BaseModel):
+    """The body of a 422 request validation error."""
+
+    detail: list[dict[str, Any]]
+    code: str = "validation_error"
+    message: str
+
+
+def error_responses(*errors: type[PocketLLMError]) -> dict[int | str, dict[str, Any]]:
+    """Build the OpenAPI `responses` entry listing the domain errors a route can return."""
+    by_status: dict[int, list[type[PocketLLMError]]] = {}
+    for error in errors:
+        by_status.setdefault(error.status_code, []).append(error)
+
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, classes in sorted(by_status.items()):
+        codes = ", ".join(sorted({error.code for error in classes}))
+        responses[status] = {"model": ErrorBody, "description": f"Error codes: {codes}."}
+    return responses
+
+
+def error_json(status_code: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content={"detail": detail, "code": code}, headers=headers)
+
+
+def _describe_validation_error(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    field = ".".join(location)
+    message = str(error.get("msg", "is invalid"))
+    return f"{field}: {message}" if field else message
+
+
+def _jsonable_validation_errors(errors: list[Any]) -> list[dict[str, Any]]:
+    # Pydantic puts the offending exception object into `ctx`; keep only JSON-safe values and never echo
+    # the submitted input, which may be a password.
+    cleaned: list[dict[str, Any]] = []
+    for error in errors:
+        item = {key: value for key, value in dict(error).items() if key not in ("input", "ctx", "url")}
+        context = error.get("ctx")
+        if isinstance(context, dict):
+            item["ctx"] = {key: str(value) for key, value in context.items()}
+        cleaned.append(item)
+    return cleaned
+
+
+async def _handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PocketLLMError)
+    if exc.status_code >= 500:
+        log.warning("request.upstream_failed", code=exc.code, status=exc.status_code)
+    return error_json(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = _jsonable_validation_errors(list(exc.errors()))
+    summary = "; ".join(_describe_validation_error(error) for error in errors[:5])
+    message = f"Invalid request: {summary}." if summary else "Invalid request."
+    return JSONResponse(status_code=422, content={"detail": errors, "code": "validation_error", "message": message})
+
+
+_HTTP_STATUS_CODES = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_STATUS_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return error_json(exc.status_code, code, detail, dict(exc.headers) if exc.headers else None)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(PocketLLMError, _handle_domain_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
