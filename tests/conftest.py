@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from pocketllm.app import create_app
 from pocketllm.config import Environment, Settings
 from pocketllm.db.base import Base
-from pocketllm.db.engine import create_engine
+from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -120,7 +120,7 @@ async def _empty_all_tables(url: str) -> None:
             await connection.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
         else:
             for table in tables:
-                await connection.execute(text(f"DELETE FROM {table}"))
+                await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608  (table names from metadata)
     await engine.dispose()
 
 
@@ -168,5 +168,13 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def unique_email() -> Iterator[str]:
-    yield f"user-{uuid.uuid4().hex[:10]}@example.com"
+def unique_email() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}@example.com"
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """Direct database access for arranging state (invite codes, deletion schedules) and checking rows."""
+    db = Database(create_engine(database_url))
+    yield db
+    await db.dispose()

@@ -19,6 +19,7 @@ from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
 from pocketllm.errors import register_error_handlers
 from pocketllm.health.router import router as health_router
+from pocketllm.kit.logging import configure_logging
 from pocketllm.kit.request_id import RequestIdMiddleware
 from pocketllm.users.router import router as users_router
 
@@ -43,7 +44,8 @@ def build_auth_backend(settings: Settings, database: Database) -> AuthBackend:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app. Settings are resolved here, so a production misconfiguration fails at once."""
-    settings = resolve_settings(settings or load_settings())
+    settings = resolve_settings(settings) if settings is not None else load_settings()
+    configure_logging(settings.log_level, settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

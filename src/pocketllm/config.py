@@ -6,10 +6,10 @@ import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from cryptography.fernet import Fernet
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values that people paste from examples; a server must never sign tokens with them in production.
@@ -83,11 +83,20 @@ class Settings(BaseSettings):
     encryption_key: str | None = None
     invite_code: bool = True
     cors_origins: Annotated[list[str], NoDecode] = []
-    log_level: str = "INFO"
-    log_format: str = Field(default="console", pattern="^(console|json)$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["console", "json"] = "console"
 
     # Set by `resolve_settings` when a secret came from the data directory instead of the environment.
-    generated_secrets: frozenset[str] = Field(default=frozenset(), exclude=True)
+    _generated_secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def generated_secrets(self) -> frozenset[str]:
+        return self._generated_secrets
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("cors_origins", "jwt_algorithms", mode="before")
     @classmethod
@@ -218,7 +227,8 @@ def resolve_settings(settings: Settings) -> Settings:
         )
         generated.add("encryption_key")
 
-    resolved = settings.model_copy(update={**updates, "generated_secrets": frozenset(generated)})
+    resolved = settings.model_copy(update=updates)
+    resolved._generated_secrets = frozenset(generated)
     _validate_fernet_keys(resolved.encryption_keys)
     return resolved
 

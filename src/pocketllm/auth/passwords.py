@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
+import secrets
 
 import anyio
 from argon2 import PasswordHasher
@@ -24,10 +24,8 @@ class PasswordHashing:
     def __init__(self, *, time_cost: int, memory_kib: int, parallelism: int) -> None:
         self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
         self._limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
-
-    @cached_property
-    def _dummy_hash(self) -> str:
-        return self._hasher.hash("not-a-real-password-used-for-timing")
+        # Made up front so that the first unknown e-mail address is not slower than later ones.
+        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
     async def hash(self, password: str) -> str:
         return await anyio.to_thread.run_sync(self._hasher.hash, password, limiter=self._limiter)
@@ -38,7 +36,7 @@ class PasswordHashing:
         With no hash (unknown user) a dummy hash is verified instead, so that an unknown e-mail address
         and a wrong password take about the same time.
         """
-        target = password_hash or await anyio.to_thread.run_sync(lambda: self._dummy_hash)
+        target = password_hash or self._dummy_hash
         matches = await anyio.to_thread.run_sync(self._verify, target, password, limiter=self._limiter)
         return matches and password_hash is not None
 

@@ -1,0 +1,178 @@
+"""App-wide behaviour: error bodies, request ids, OpenAPI, CORS and what reaches the logs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+
+from pocketllm.app import create_app
+from pocketllm.config import Settings
+from tests.helpers import DEFAULT_PASSWORD, auth_headers, sign_up
+
+API_ROUTES = {
+    ("GET", "/health"),
+    ("GET", "/v1/health"),
+    ("GET", "/health/ready"),
+    ("POST", "/v1/auth/signup"),
+    ("POST", "/v1/auth/signin"),
+    ("POST", "/v1/auth/signout"),
+    ("POST", "/v1/auth/refresh"),
+    ("POST", "/v1/auth/password/change"),
+    ("POST", "/v1/auth/validate-invite-code"),
+    ("POST", "/v1/auth/signin/magic-link"),
+    ("POST", "/v1/auth/signin/otp"),
+    ("POST", "/v1/auth/signin/oauth"),
+    ("GET", "/v1/users/profile"),
+}
+
+
+class TestErrors:
+    async def test_unknown_route_is_json_404(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/v1/does-not-exist")
+
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Not Found", "code": "not_found"}
+
+    async def test_wrong_method_is_json_405(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/v1/auth/signup")
+
+        assert response.status_code == 405
+        assert response.json()["code"] == "method_not_allowed"
+
+    async def test_malformed_json_is_422_with_message(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/v1/auth/signin",
+            content=b'{"email": "a@example.com", "password": ',
+            headers={"Content-Type": "application/json"},
+        )
+
+        assert response.status_code == 422
+        body = response.json()
+        assert body["code"] == "validation_error"
+        assert isinstance(body["detail"], list)
+        assert body["message"].startswith("Invalid request")
+
+    async def test_validation_message_names_fields(self, client: httpx.AsyncClient) -> None:
+        response = await client.post("/v1/auth/signup", json={"password": 12})
+
+        message = response.json()["message"]
+        assert "email: Field required" in message
+        assert "password" in message
+
+    async def test_unhandled_error_is_json_500_with_request_id(self, settings: Settings) -> None:
+        app = create_app(settings)
+
+        async def explode() -> None:
+            raise RuntimeError("boom")
+
+        # A route added by the test: the middleware under test must turn any bug into a clean 500.
+        app.add_api_route("/test/explode", explode)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
+                response = await client.get("/test/explode")
+
+        assert response.status_code == 500
+        assert response.json() == {
+            "detail": "Internal server error; the request id is logged.",
+            "code": "internal_error",
+        }
+        assert response.headers["x-request-id"]
+        assert "boom" not in response.text
+
+
+class TestRequestId:
+    @pytest.mark.parametrize(
+        ("method", "path", "status"),
+        [
+            ("GET", "/health", 200),
+            ("GET", "/nowhere", 404),
+            ("POST", "/v1/auth/signin", 422),
+            ("GET", "/v1/users/profile", 401),
+        ],
+    )
+    async def test_every_response_has_one(self, client: httpx.AsyncClient, method: str, path: str, status: int) -> None:
+        response = await client.request(method, path, json={} if method == "POST" else None)
+
+        assert response.status_code == status
+        assert len(response.headers["x-request-id"]) >= 16
+
+    async def test_plain_incoming_id_is_kept(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/health", headers={"X-Request-ID": "trace-1234.abc"})
+
+        assert response.headers["x-request-id"] == "trace-1234.abc"
+
+    async def test_unsafe_incoming_id_is_replaced(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/health", headers={"X-Request-ID": "evil id\tinjected"})
+
+        assert response.headers["x-request-id"] != "evil id\tinjected"
+        assert response.headers["x-request-id"].isalnum()
+
+    async def test_ids_differ_between_requests(self, client: httpx.AsyncClient) -> None:
+        first = await client.get("/health")
+        second = await client.get("/health")
+
+        assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+class TestOpenApi:
+    async def test_lists_every_route(self, client: httpx.AsyncClient) -> None:
+        document = (await client.get("/openapi.json")).json()
+
+        listed = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+        assert API_ROUTES <= listed
+
+    async def test_documents_error_responses(self, client: httpx.AsyncClient) -> None:
+        document = (await client.get("/openapi.json")).json()
+
+        signup = document["paths"]["/v1/auth/signup"]["post"]["responses"]
+        assert {"200", "400", "403", "422"} <= set(signup)
+        assert "invite_required" in signup["403"]["description"]
+        profile = document["paths"]["/v1/users/profile"]["get"]["responses"]
+        assert "401" in profile
+        assert "ErrorBody" in document["components"]["schemas"]
+        assert "UserProfile" in document["components"]["schemas"]
+
+    async def test_swagger_ui_is_served(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/docs")
+
+        assert response.status_code == 200
+        assert "swagger" in response.text.lower()
+
+
+@pytest.mark.parametrize("settings_overrides", [{"cors_origins": ["https://app.example.com"]}])
+async def test_cors_allows_configured_origin(client: httpx.AsyncClient) -> None:
+    response = await client.options(
+        "/v1/auth/signin",
+        headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"},
+    )
+
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+async def test_cors_is_off_by_default(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"Origin": "https://app.example.com"})
+
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_logs_hold_no_secrets(
+    client: httpx.AsyncClient, unique_email: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    body = await sign_up(client, unique_email)
+    tokens: dict[str, Any] = body["tokens"]
+    await client.post("/v1/auth/signin", json={"email": unique_email, "password": "Wr0ngPassword!"})
+    await client.post("/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    await client.post(
+        "/v1/auth/password/change", headers=auth_headers(body), json={"old": DEFAULT_PASSWORD, "new": "N3wSecret!!"}
+    )
+
+    logged = caplog.text
+    assert "request.completed" in logged
+    for secret in (DEFAULT_PASSWORD, "Wr0ngPassword!", "N3wSecret!!", tokens["access_token"], tokens["refresh_token"]):
+        assert secret not in logged

@@ -1,0 +1,235 @@
+"""The `pocketllm` command, run as a real subprocess against the test databases."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pocketllm.referrals.service import normalize_code
+from tests.helpers import DEFAULT_PASSWORD
+
+
+def run_cli(*arguments: str, database_url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "JWT_", "INVITE_"))
+    }
+    environment.update({"DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING"})
+    return subprocess.run(  # noqa: S603  (fixed interpreter and arguments)
+        [sys.executable, "-m", "pocketllm", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=data_dir.parent,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_lists_commands(tmp_path: Path) -> None:
+    result = run_cli("--help", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
+
+    assert result.returncode == 0
+    for command in ("serve", "migrate", "invites", "waitlist", "keys"):
+        assert command in result.stdout
+
+
+def test_serve_help_documents_options(tmp_path: Path) -> None:
+    result = run_cli("serve", "--help", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
+
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--workers"):
+        assert option in result.stdout
+
+
+def test_keys_generate_prints_fernet_key(tmp_path: Path) -> None:
+    from cryptography.fernet import Fernet
+
+    result = run_cli("keys", "generate", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
+
+    assert result.returncode == 0
+    Fernet(result.stdout.strip().encode())
+
+
+@pytest.mark.parametrize("settings_overrides", [{"invite_code": True}])
+async def test_created_invite_lets_one_user_sign_up(
+    client: httpx.AsyncClient, database_url: str, tmp_path: Path
+) -> None:
+    created = run_cli(
+        "invites", "create", "--max-uses", "1", "--expires-in-days", "2", database_url=database_url, data_dir=tmp_path
+    )
+    assert created.returncode == 0, created.stderr
+    code = created.stdout.strip()
+    assert re.fullmatch(r"[A-Z0-9]{4}-[A-Z0-9]{4}-[A-Z0-9]{4}", code)
+
+    first = await client.post(
+        "/v1/auth/signup", json={"email": "one@example.com", "password": DEFAULT_PASSWORD, "invite_code": code}
+    )
+    second = await client.post(
+        "/v1/auth/signup", json={"email": "two@example.com", "password": DEFAULT_PASSWORD, "invite_code": code}
+    )
+
+    assert first.status_code == 200
+    assert second.status_code == 403
+    listed = run_cli("invites", "list", database_url=database_url, data_dir=tmp_path)
+    line = next(line for line in listed.stdout.splitlines() if line.startswith(code))
+    assert "exhausted" in line
+    assert "1/1" in line
+
+
+def test_create_with_own_code_rejects_duplicates(database_url: str, tmp_path: Path) -> None:
+    first = run_cli("invites", "create", "--code", "team-2026", database_url=database_url, data_dir=tmp_path)
+    second = run_cli("invites", "create", "--code", "TEAM-2026", database_url=database_url, data_dir=tmp_path)
+
+    assert first.stdout.strip() == normalize_code("team-2026")
+    assert second.returncode == 2
+    assert "already exists" in second.stderr
+
+
+@pytest.mark.parametrize("arguments", [("--max-uses", "0"), ("--expires-in-days", "-1"), ("--code", "abc")])
+def test_create_rejects_bad_options(database_url: str, tmp_path: Path, arguments: tuple[str, str]) -> None:
+    result = run_cli("invites", "create", *arguments, database_url=database_url, data_dir=tmp_path)
+
+    assert result.returncode == 2
+    assert arguments[0] in result.stderr
+
+
+@pytest.mark.parametrize("settings_overrides", [{"invite_code": True}])
+async def test_waitlist_approve_allows_sign_up(client: httpx.AsyncClient, database_url: str, tmp_path: Path) -> None:
+    blocked = await client.post("/v1/auth/signup", json={"email": "grace@example.com", "password": DEFAULT_PASSWORD})
+    assert blocked.status_code == 403
+
+    approved = run_cli("waitlist", "approve", "Grace@Example.com", database_url=database_url, data_dir=tmp_path)
+    assert approved.returncode == 0, approved.stderr
+    assert "grace@example.com" in approved.stdout
+
+    allowed = await client.post("/v1/auth/signup", json={"email": "grace@example.com", "password": DEFAULT_PASSWORD})
+    assert allowed.status_code == 200
+
+
+def test_waitlist_approve_rejects_bad_email(database_url: str, tmp_path: Path) -> None:
+    result = run_cli("waitlist", "approve", "not-an-email", database_url=database_url, data_dir=tmp_path)
+
+    assert result.returncode == 2
+    assert "not valid" in result.stderr
+
+
+def test_migrate_builds_fresh_sqlite_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+
+    migrated = run_cli("migrate", database_url=url, data_dir=data_dir)
+    shown = run_cli("migrate", "--show", database_url=url, data_dir=data_dir)
+
+    assert migrated.returncode == 0, migrated.stderr
+    current = re.search(r"current: (\S+)", shown.stdout)
+    latest = re.search(r"latest:\s+(\S+)", shown.stdout)
+    assert current is not None
+    assert latest is not None
+    assert current.group(1) == latest.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def running_server(*arguments: str, environment: dict[str, str], cwd: Path) -> Iterator[str]:
+    """Start `pocketllm serve` on a free loopback port; yield its base URL once /health answers."""
+    port = free_port()
+    process = subprocess.Popen(  # noqa: S603  (fixed interpreter and arguments)
+        [sys.executable, "-m", "pocketllm", "serve", "--host", "127.0.0.1", "--port", str(port), *arguments],
+        env=environment,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"server exited with {process.returncode}: {process.stderr.read() if process.stderr else ''}"
+                )
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not answer /health within 30 s")
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def serve_environment(**values: str) -> dict[str, str]:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "JWT_", "INVITE_", "ENCRYPTION_", "DATA_DIR", "ENVIRONMENT"))
+    }
+    environment.update({"LOG_LEVEL": "WARNING", **values})
+    return environment
+
+
+def test_serve_embedded_default_keeps_secrets_across_restarts(tmp_path: Path) -> None:
+    environment = serve_environment(INVITE_CODE="false")
+
+    with running_server(environment=environment, cwd=tmp_path) as base_url:
+        signup = httpx.post(
+            f"{base_url}/v1/auth/signup", json={"email": "ada@example.com", "password": DEFAULT_PASSWORD}, timeout=10
+        )
+        assert signup.status_code == 200, signup.text
+        token = signup.json()["tokens"]["access_token"]
+
+    assert (tmp_path / "pocketllm-data" / "pocketllm.db").is_file()
+    assert (tmp_path / "pocketllm-data" / "jwt_secret").stat().st_mode & 0o077 == 0
+
+    with running_server(environment=environment, cwd=tmp_path) as base_url:
+        profile = httpx.get(f"{base_url}/v1/users/profile", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert profile.status_code == 200, profile.text
+
+
+def test_serve_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
+    result = run_cli(
+        "serve", "--workers", "2", database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", data_dir=tmp_path
+    )
+
+    assert result.returncode == 2
+    assert "PostgreSQL" in result.stderr
+
+
+@pytest.mark.postgres_only
+def test_serve_with_workers_on_postgres(database_url: str, tmp_path: Path) -> None:
+    environment = serve_environment(DATABASE_URL=database_url, DATA_DIR=str(tmp_path / "data"), INVITE_CODE="false")
+
+    with running_server("--workers", "2", environment=environment, cwd=tmp_path) as base_url:
+        statuses = [
+            httpx.post(
+                f"{base_url}/v1/auth/signup",
+                json={"email": f"worker-{index}@example.com", "password": DEFAULT_PASSWORD},
+                timeout=10,
+            ).status_code
+            for index in range(4)
+        ]
+        ready = httpx.get(f"{base_url}/health/ready", timeout=10)
+
+    assert statuses == [200, 200, 200, 200]
+    assert ready.json()["checks"]["database"] == "ok"
