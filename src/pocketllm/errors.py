@@ -65,6 +65,12 @@ class Conflict(PocketLLMError):
     code = "conflict"
 
 
+class RateLimited(PocketLLMError):
+    status_code = 429
+    code = "rate_limited"
+    default_message = "Too many requests; wait a moment and try again."
+
+
 class UpstreamError(PocketLLMError):
     status_code = 502
     code = "upstream_error"

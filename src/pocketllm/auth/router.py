@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Body, status
 
 from pocketllm.auth import service
-from pocketllm.auth.backends.local import PasswordUnchanged, RefreshTokenInvalid
+from pocketllm.auth.backends.local import PasswordUnchanged, RefreshTokenInvalid, SessionRevoked
+from pocketllm.auth.backends.supabase import (
+    AccountMismatch,
+    EmailNotConfirmed,
+    ReauthenticationRequired,
+    SignUpDisabled,
+    WeakPassword,
+)
 from pocketllm.auth.dependencies import Backend, Client, CurrentUser
 from pocketllm.auth.emails import InvalidEmail
 from pocketllm.auth.schemas import (
@@ -30,7 +37,7 @@ from pocketllm.auth.schemas import (
     SignUpResponse,
 )
 from pocketllm.db.dependencies import DbSession
-from pocketllm.errors import InvalidInput, NotAuthenticated, UpstreamError, error_responses
+from pocketllm.errors import InvalidInput, NotAuthenticated, RateLimited, UpstreamError, error_responses
 from pocketllm.referrals import service as referrals
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
@@ -51,7 +58,16 @@ class InviteCodeNotFound(InvalidInput):
 @router.post(
     "/signup",
     response_model=SignUpResponse,
-    responses=error_responses(InvalidEmail, service.UserAlreadyExists, service.InviteRequired, UpstreamError),
+    responses=error_responses(
+        InvalidEmail,
+        service.UserAlreadyExists,
+        service.InviteRequired,
+        WeakPassword,
+        SignUpDisabled,
+        AccountMismatch,
+        RateLimited,
+        UpstreamError,
+    ),
 )
 async def sign_up(payload: SignUpRequest, backend: Backend, client: Client) -> SignUpResponse:
     """Create an account; needs an invite code or an approved waitlist application unless INVITE_CODE=false."""
@@ -61,7 +77,9 @@ async def sign_up(payload: SignUpRequest, backend: Backend, client: Client) -> S
 @router.post(
     "/signin",
     response_model=SignInResponse,
-    responses=error_responses(service.InvalidCredentials, UpstreamError),
+    responses=error_responses(
+        service.InvalidCredentials, EmailNotConfirmed, AccountMismatch, RateLimited, UpstreamError
+    ),
 )
 async def sign_in(payload: SignInRequest, backend: Backend, client: Client) -> SignInResponse:
     """Sign in with e-mail and password; cancels a scheduled account deletion."""
@@ -71,7 +89,7 @@ async def sign_in(payload: SignInRequest, backend: Backend, client: Client) -> S
 @router.post(
     "/refresh",
     response_model=RefreshTokenResponse,
-    responses=error_responses(RefreshTokenInvalid, UpstreamError),
+    responses=error_responses(RefreshTokenInvalid, RateLimited, UpstreamError),
 )
 async def refresh(payload: RefreshTokenRequest, backend: Backend) -> RefreshTokenResponse:
     """Exchange a refresh token for a new access token."""
@@ -89,7 +107,16 @@ async def sign_out(
 @router.post(
     "/password/change",
     response_model=PasswordChangeResponse,
-    responses=error_responses(NotAuthenticated, service.IncorrectPassword, PasswordUnchanged, UpstreamError),
+    responses=error_responses(
+        NotAuthenticated,
+        SessionRevoked,
+        service.IncorrectPassword,
+        PasswordUnchanged,
+        WeakPassword,
+        ReauthenticationRequired,
+        RateLimited,
+        UpstreamError,
+    ),
 )
 async def change_password(
     payload: PasswordChangeRequest, user: CurrentUser, backend: Backend

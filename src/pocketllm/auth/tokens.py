@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import jwt
+from jwt.exceptions import InvalidSubjectError
 
 from pocketllm.config import Settings
 from pocketllm.db.types import utcnow
@@ -132,6 +133,8 @@ class AccessTokenVerifier:
             raise TokenSignatureInvalid() from error
         except jwt.MissingRequiredClaimError as error:
             raise TokenInvalid(f"The access token has no '{error.claim}' claim.") from error
+        except (InvalidSubjectError, jwt.InvalidIssuedAtError, jwt.ImmatureSignatureError) as error:
+            raise TokenInvalid(f"The access token has an invalid claim: {error}.") from error
         except jwt.InvalidTokenError as error:
             raise TokenMalformed() from error
 
