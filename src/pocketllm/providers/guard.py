@@ -1,0 +1,402 @@
+"""Outbound guard for requests to user-supplied provider URLs (protection against server-side request forgery).
+
+Users can save any base URL for a provider, and the server then calls it with their key. Every such call
+goes through `OutboundGuard`, which:
+
+* accepts only http(s) URLs with a host, a port in 1-65535 and no user name or password;
+* resolves the host and requires every resolved address to be allowed. Cloud metadata addresses are
+  always blocked. Loopback, private, link-local, multicast, unspecified, reserved and shared (100.64/10)
+  addresses are blocked unless the operator sets ALLOW_PRIVATE_PROVIDER_URLS=true;
+* sends the request to the address it checked, so DNS rebinding cannot move it elsewhere. The URL host is
+  replaced by that address, the original host name goes in the `Host` header and, for https, in the TLS
+  server name (the `sni_hostname` request extension), so the certificate is still verified for the name;
+* never follows redirects. A 3xx response is returned as is, and callers must treat it as an error.
+
+The shared `httpx.AsyncClient` passed to the guard must not use a proxy (create it with `trust_env=False`):
+a forward proxy connects on its own, and httpcore 1.0.9 ignores `sni_hostname` when tunnelling https through
+an HTTP proxy, so certificate verification fails there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pocketllm.errors import InvalidInput
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Resolves (host, port) to IP address strings. Raises socket.gaierror when the name does not resolve.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+ALLOWED_SCHEMES = ("http", "https")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Two attempts at glibc's default 5-second resolver timeout (resolv.conf `timeout:5`, `attempts:2`).
+DEFAULT_RESOLVE_TIMEOUT_SECONDS = 10.0
+ALLOW_PRIVATE_HINT = (
+    "Set ALLOW_PRIVATE_PROVIDER_URLS=true on the server to allow private and loopback addresses, "
+    "for example for a local Ollama server."
+)
+
+# Blocked even when private addresses are allowed.
+# 169.254.169.254 and fd00:ec2::254: instance metadata of AWS (IMDS, IPv4 and IPv6), also used by Google
+# Cloud, Azure, Oracle Cloud and DigitalOcean. 169.254.170.2: AWS ECS task metadata and credentials.
+# 169.254.170.23 and fd00:ec2::23: AWS EKS Pod Identity agent. 100.100.100.200: Alibaba Cloud metadata.
+# 168.63.129.16: Azure platform endpoint (WireServer), a public-range address reachable only from Azure VMs.
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ipaddress.ip_address(address)
+    for address in (
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.170.23",
+        "100.100.100.200",
+        "168.63.129.16",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+    )
+)
+# Names of Google Cloud's metadata server, which Google Cloud VMs resolve to 169.254.169.254.
+METADATA_HOST_NAMES = frozenset({"metadata.google.internal", "metadata"})
+
+_RFC1918_NETWORKS = tuple(ipaddress.IPv4Network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+_SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598, carrier-grade NAT
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+_NAT64_WELL_KNOWN_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052
+_IPV4_COMPATIBLE_PREFIX = ipaddress.IPv6Network("::/96")  # deprecated by RFC 4291
+_UNIQUE_LOCAL_NETWORK = ipaddress.IPv6Network("fc00::/7")
+
+# A host name after IDNA encoding: dot-separated labels of 1-63 letters, digits, '-' or '_'.
+_HOST_NAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\.?$")
+_DECIMAL = re.compile(r"^[0-9]+$")
+_OCTAL = re.compile(r"^0[0-7]*$")
+_HEXADECIMAL = re.compile(r"^0x[0-9a-f]*$")  # "0x" alone is 0, as in the WHATWG URL standard
+_METADATA_REASON = "a cloud metadata address"
+
+
+class ProviderUrlNotAllowed(InvalidInput):
+    code = "provider_url_not_allowed"
+    default_message = "The provider URL is not allowed."
+
+
+class ProviderUnreachable(InvalidInput):
+    code = "provider_unreachable"
+    default_message = "The provider host could not be reached; check the base URL."
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedTarget:
+    """A provider URL that passed the guard, with the address every request to it must connect to."""
+
+    url: str  # the URL as the caller passed it
+    scheme: str  # "http" or "https"
+    host: str  # lower-case, IDNA-encoded host as written in the URL, without IPv6 brackets
+    port: int  # the explicit port, or 80/443 for the scheme
+    address: str  # the checked IP address that requests are pinned to
+    host_is_ip_address: bool  # True when the URL names an IP address instead of a host name
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Resolve a host name with the event loop's getaddrinfo and return its IP addresses in getaddrinfo's order."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+
+
+class OutboundGuard:
+    """Checks provider URLs and sends requests to the checked address only, never following redirects."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        resolver: Resolver | None = None,
+        resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT_SECONDS,
+    ) -> None:
+        self.allow_private = allow_private
+        self._resolve = resolver or resolve_host
+        self._resolve_timeout = resolve_timeout
+
+    async def check(self, url: str) -> CheckedTarget:
+        """Validate `url` and resolve its host to the address that requests will be pinned to.
+
+        Raises ProviderUrlNotAllowed when the URL breaks a rule or any resolved address is blocked, and
+        ProviderUnreachable when the host name does not resolve in time.
+        """
+        parsed = _parse_url(url)
+        scheme = parsed.scheme
+        host = parsed.raw_host.decode("ascii")
+        port = parsed.port if parsed.port is not None else DEFAULT_PORTS[scheme]
+
+        literal = _parse_ip_literal(host)
+        if literal is not None:
+            subject = f"The provider URL address {host} is"
+            if ":" not in host and host != str(literal):
+                subject = f"The provider URL host '{host}' is the IPv4 address {literal},"
+            self._check_address(literal, subject=subject)
+            return CheckedTarget(url, scheme, host, port, str(literal), host_is_ip_address=True)
+
+        if host.rstrip(".") in METADATA_HOST_NAMES:
+            raise ProviderUrlNotAllowed(
+                f"The provider URL host '{host}' is a cloud metadata server, which is always blocked."
+            )
+
+        addresses = await self._resolve_addresses(host, port)
+        for address in addresses:
+            self._check_address(address, subject=f"The provider URL host '{host}' resolves to")
+        # NOTE: requests go to the first address only, with no fallback to the others when it is unreachable.
+        return CheckedTarget(url, scheme, host, port, str(addresses[0]), host_is_ip_address=False)
+
+    async def request(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Check `url`, send the request to the checked address and return the response, never following redirects.
+
+        `kwargs` go to `client.build_request` (params, headers, json, content, timeout, extensions, ...).
+        A 3xx response is returned as is, and callers must treat it as an error instead of requesting its Location.
+        """
+        target = await self.check(url)
+        request = _build_pinned_request(client, method, target, kwargs)
+        return await client.send(request, follow_redirects=False)
+
+    @asynccontextmanager
+    async def stream(
+        self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+    ) -> AsyncIterator[httpx.Response]:
+        """Like `request`, but yield the response before its body is read, for server-sent events."""
+        target = await self.check(url)
+        request = _build_pinned_request(client, method, target, kwargs)
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _resolve_addresses(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            async with asyncio.timeout(self._resolve_timeout):
+                resolved = await self._resolve(host, port)
+        except socket.gaierror as error:
+            raise ProviderUnreachable(
+                f"The provider URL host '{host}' could not be resolved ({error.strerror}); check the base URL."
+            ) from error
+        except TimeoutError as error:
+            raise ProviderUnreachable(
+                f"Resolving the provider URL host '{host}' timed out after {self._resolve_timeout:g} s; "
+                "check the base URL or try again later."
+            ) from error
+
+        # dict.fromkeys drops duplicates (getaddrinfo repeats addresses per socket type) and keeps the order.
+        addresses = list(dict.fromkeys(ipaddress.ip_address(address) for address in resolved))
+        if not addresses:
+            raise ProviderUnreachable(
+                f"The provider URL host '{host}' has no IPv4 or IPv6 address; check the base URL."
+            )
+        return addresses
+
+    def _check_address(self, address: IPAddress, *, subject: str) -> None:
+        """Raise ProviderUrlNotAllowed for a metadata address, and for any blocked one unless private URLs are allowed.
+
+        `subject` starts the message and is completed by the reason, as in "<subject> a loopback address".
+        """
+        reason = _blocked_reason(address)
+        if reason is None:
+            return
+
+        if reason == _METADATA_REASON:
+            raise ProviderUrlNotAllowed(f"{subject} {reason}, which is always blocked.")
+        if not self.allow_private:
+            raise ProviderUrlNotAllowed(f"{subject} {reason}, which is blocked. {ALLOW_PRIVATE_HINT}")
+
+
+def _parse_url(url: str) -> httpx.URL:
+    """Parse `url` and apply the scheme, host, user-info and port rules.
+
+    Messages never quote the URL because its user info or query string may hold a key.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise ProviderUrlNotAllowed(
+            "The provider URL is not a valid URL; use a form like https://api.example.com/v1."
+        ) from error
+
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise ProviderUrlNotAllowed("The provider URL must start with http:// or https://.")
+    if not parsed.raw_host:
+        raise ProviderUrlNotAllowed("The provider URL has no host; use a form like https://api.example.com/v1.")
+    if parsed.userinfo:
+        raise ProviderUrlNotAllowed(
+            "The provider URL must not contain a user name or password; save the API key in the key field instead."
+        )
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ProviderUrlNotAllowed(f"The provider URL port {parsed.port} is invalid; use a port from 1 to 65535.")
+
+    host = parsed.raw_host.decode("ascii")
+    if ":" not in host and _HOST_NAME.match(host) is None:
+        raise ProviderUrlNotAllowed(
+            "The provider URL host is not a valid host name; use letters, digits, '-' and '.' only."
+        )
+    return parsed
+
+
+def _parse_ip_literal(host: str) -> IPAddress | None:
+    """Return the address that an IP-literal host names, or None when `host` is a host name.
+
+    IPv4 follows the WHATWG URL standard, which matches inet_aton: a host whose last label is a number is
+    an IPv4 address of 1-4 decimal, octal (leading 0) or hexadecimal (0x) parts, so 2130706433, 0x7f.1
+    and 127.1 are all 127.0.0.1. Such a host that is no valid address is rejected instead of resolved.
+    Any numeric form this misses is still safe, because the addresses the resolver returns for it are checked.
+    """
+    if ":" in host:
+        if "%" in host:
+            raise ProviderUrlNotAllowed("The provider URL must not contain an IPv6 zone identifier.")
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError as error:
+            raise ProviderUrlNotAllowed("The provider URL host is not a valid IPv6 address.") from error
+
+    labels = host.removesuffix(".").split(".")
+    last_label = labels[-1]
+    if not (_DECIMAL.match(last_label) or _HEXADECIMAL.match(last_label)):
+        return None
+
+    address = _parse_ipv4_parts(labels)
+    if address is None:
+        raise ProviderUrlNotAllowed(f"The provider URL host '{host}' is not a valid IPv4 address.")
+    return address
+
+
+def _parse_ipv4_parts(parts: list[str]) -> ipaddress.IPv4Address | None:
+    if not 1 <= len(parts) <= 4:
+        return None
+
+    numbers: list[int] = []
+    for part in parts:
+        number = _parse_ipv4_number(part)
+        if number is None:
+            return None
+        numbers.append(number)
+
+    # Every part but the last is one byte; the last part fills the remaining bytes, so "127.1" is 127.0.0.1.
+    *leading, last = numbers
+    if any(number > 255 for number in leading) or last >= 256 ** (4 - len(leading)):
+        return None
+    value = last
+    for index, number in enumerate(leading):
+        value += number << (8 * (3 - index))
+    return ipaddress.IPv4Address(value)
+
+
+def _parse_ipv4_number(part: str) -> int | None:
+    # The patterns are checked first because int() also accepts "_", "+" and surrounding whitespace.
+    if _HEXADECIMAL.match(part):
+        return int(part[2:] or "0", 16)
+    if _OCTAL.match(part):
+        return int(part, 8)
+    if _DECIMAL.match(part):
+        return int(part, 10)
+    return None
+
+
+def _blocked_reason(address: IPAddress) -> str | None:
+    """Return why `address` is blocked (metadata first), or None for a public address."""
+    carried = _addresses_to_classify(address)
+    if any(candidate in METADATA_ADDRESSES for candidate in carried):
+        return _METADATA_REASON
+    for candidate in carried:
+        reason = _ipv4_reason(candidate) if isinstance(candidate, ipaddress.IPv4Address) else _ipv6_reason(candidate)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _addresses_to_classify(address: IPAddress) -> list[IPAddress]:
+    """Return the addresses that decide whether `address` is blocked, including IPv4 addresses embedded in IPv6.
+
+    For an IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d) or 6to4 (2002:aabb:ccdd::) address,
+    the packets end up at the embedded IPv4 address, so only that one is classified. The v6 forms lie in
+    ranges that Python's ipaddress flags as reserved even when the embedded address is public.
+    """
+    if isinstance(address, ipaddress.IPv4Address):
+        return [address]
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in _NAT64_WELL_KNOWN_PREFIX:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        server, client = address.teredo
+        return [address, server, client]
+    if address in _IPV4_COMPATIBLE_PREFIX and int(address) > 1:
+        return [address, ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return [address]
+
+
+def _ipv4_reason(address: ipaddress.IPv4Address) -> str | None:
+    if address.is_loopback:
+        return "a loopback address"
+    if address in _THIS_NETWORK:
+        return "an unspecified address (0.0.0.0/8)"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if any(address in network for network in _RFC1918_NETWORKS):
+        return "a private network address"
+    if address in _SHARED_ADDRESS_SPACE:
+        return "a shared (carrier-grade NAT) address"
+    if address.is_reserved or not address.is_global:
+        return "a reserved or special-purpose address"
+    return None
+
+
+def _ipv6_reason(address: ipaddress.IPv6Address) -> str | None:
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address in _UNIQUE_LOCAL_NETWORK or address.is_site_local:
+        return "a private network address"
+    if address.is_reserved or not address.is_global:
+        return "a reserved or special-purpose address"
+    return None
+
+
+def _build_pinned_request(
+    client: httpx.AsyncClient, method: str, target: CheckedTarget, options: dict[str, Any]
+) -> httpx.Request:
+    """Build the request for `target` with the URL host replaced by the checked address."""
+    options = dict(options)
+    headers = httpx.Headers(options.pop("headers", None))
+    extensions = dict(options.pop("extensions", None) or {})
+
+    # The Host header carries the host and port as written, so virtual hosting works. It replaces a caller's Host.
+    headers["Host"] = httpx.URL(target.url).netloc.decode("ascii")
+
+    if target.scheme == "https":
+        if not target.host_is_ip_address:
+            # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
+            # extension as `server_hostname` to start_tls, falling back to the URL host only when it is
+            # missing. anyio 4.16 (TLSStream.wrap) hands it to SSLContext.wrap_bio(server_hostname=...), so
+            # it is both the SNI name and the name that check_hostname verifies the certificate against.
+            extensions["sni_hostname"] = target.host.rstrip(".")
+        # httpcore pools connections by (scheme, host, port), and the host is now an IP address. Without this
+        # header, a connection verified for one host name could be reused for another name that resolves to
+        # the same address, which is common behind CDNs. That request and its key would then travel over a
+        # TLS session whose certificate was never checked for its name.
+        # NOTE: as a result https provider connections are never reused, and each request pays a new handshake.
+        headers["Connection"] = "close"
+
+    pinned_url = httpx.URL(target.url).copy_with(host=target.address)
+    return client.build_request(method, pinned_url, headers=headers, extensions=extensions, **options)
