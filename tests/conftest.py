@@ -9,6 +9,7 @@ POCKETLLM_REQUIRE_POSTGRES=1, where that is an error.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,9 @@ from pocketllm.config import Environment, Settings
 from pocketllm.db.base import Base
 from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
+from pocketllm.providers.guard import OutboundGuard
+
+pytest_plugins = ["tests.fakes.provider"]
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "POCKETLLM_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -153,10 +157,22 @@ def settings(database_url: str, tmp_path: Path, settings_overrides: dict[str, An
     return make_settings(database_url, tmp_path / "data", **settings_overrides)
 
 
+async def loopback_only_resolver(host: str, port: int) -> list[str]:
+    """DNS for tests: `localhost` is loopback and every other name fails, so no test reaches the internet,
+    not even through a provider's default base URL."""
+    del port
+    if host == "localhost" or host.endswith(".localhost"):
+        return ["127.0.0.1"]
+    raise socket.gaierror(socket.EAI_NONAME, f"{host} is not resolvable in tests")
+
+
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
+        application.state.providers.http.guard = OutboundGuard(
+            allow_private=settings.allow_private_provider_urls, resolver=loopback_only_resolver
+        )
         yield application
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import httpx
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,8 +21,16 @@ from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
 from pocketllm.errors import register_error_handlers
 from pocketllm.health.router import router as health_router
+from pocketllm.kit.cache import build_cache
+from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
 from pocketllm.kit.request_id import RequestIdMiddleware
+from pocketllm.model_configs.router import router as model_configs_router
+from pocketllm.providers.catalogue import Catalogue
+from pocketllm.providers.dependencies import ProviderRuntime
+from pocketllm.providers.guard import OutboundGuard
+from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.router import router as providers_router
 from pocketllm.users.router import router as users_router
 
 log = structlog.get_logger(__name__)
@@ -42,6 +52,38 @@ def build_auth_backend(settings: Settings, database: Database) -> AuthBackend:
     return LocalAuthBackend(settings, database, passwords)
 
 
+def build_provider_runtime(settings: Settings) -> ProviderRuntime:
+    http_client = httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            settings.provider_read_timeout_seconds, connect=settings.provider_connect_timeout_seconds
+        ),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        follow_redirects=False,
+        # Proxy variables from the environment would bypass the guard's address pinning, and .netrc
+        # credentials must never be attached to provider requests.
+        trust_env=False,
+        # The client is shared by all users, so a cookie set by a provider for one user's key must not be
+        # sent with another user's request.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
+    guard = OutboundGuard(allow_private=settings.allow_private_provider_urls)
+    provider_http = ProviderHttp(http_client, guard)
+    cache = build_cache(settings.redis_url)
+    catalogue = Catalogue(
+        provider_http,
+        cache,
+        ttl_seconds=settings.catalogue_cache_ttl_seconds,
+        timeout_seconds=settings.catalogue_timeout_seconds,
+    )
+    return ProviderRuntime(
+        http_client=http_client,
+        http=provider_http,
+        catalogue=catalogue,
+        cache=cache,
+        secrets=SecretBox(settings.encryption_keys),
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app. Settings are resolved here, so a production misconfiguration fails at once."""
     settings = resolve_settings(settings) if settings is not None else load_settings()
@@ -60,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await upgrade_database(database.engine)
         app.state.database = database
         app.state.auth_backend = build_auth_backend(settings, database)
+        app.state.providers = build_provider_runtime(settings)
         log.info(
             "app.started",
             version=__version__,
@@ -71,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.auth_backend.close()
+            await app.state.providers.close()
             await database.dispose()
             log.info("app.stopped")
 
@@ -98,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(providers_router)
+    app.include_router(model_configs_router)
     return app
 
 

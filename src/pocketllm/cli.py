@@ -74,13 +74,21 @@ def _build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="encryption key tools")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     key_commands.add_parser("generate", help="print a new random key for ENCRYPTION_KEY")
+    key_commands.add_parser(
+        "rotate",
+        help="re-encrypt every stored provider key under the first ENCRYPTION_KEY entry",
+        description=(
+            "Re-encrypt stored provider keys under the first (primary) ENCRYPTION_KEY entry. Rotate a key by "
+            "putting a new key first in ENCRYPTION_KEY, running this, then removing the old key."
+        ),
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _build_parser().parse_args(argv)
 
-    if arguments.command == "keys":
+    if arguments.command == "keys" and arguments.keys_command == "generate":
         print(Fernet.generate_key().decode())
         return 0
 
@@ -107,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_in_transaction(settings, _list_invites)
         if arguments.command == "waitlist":
             return _run_in_transaction(settings, lambda session: _approve(session, arguments.email))
+        if arguments.command == "keys":
+            return _run_in_transaction(settings, lambda session: _rotate_keys(session, settings))
     except InvalidInput as error:
         print(f"pocketllm: {error.message}", file=sys.stderr)
         return 2
@@ -224,6 +234,34 @@ async def _approve(session: AsyncSession, raw_email: str) -> int:
     action = "created an approved application for" if created else "approved the application of"
     print(f"{action} {email}; this address can now sign up without an invite code")
     return 0
+
+
+async def _rotate_keys(session: AsyncSession, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from pocketllm.kit.crypto import SecretBox, SecretDecryptionFailed
+    from pocketllm.models import ProviderConfig
+
+    secrets = SecretBox(settings.encryption_keys)
+    configs = await session.scalars(
+        select(ProviderConfig).where(ProviderConfig.api_key_encrypted.is_not(None)).with_for_update()
+    )
+    rotated = unreadable = 0
+    for config in configs:
+        assert config.api_key_encrypted is not None
+        try:
+            config.api_key_encrypted = secrets.rotate(config.api_key_encrypted)
+            rotated += 1
+        except SecretDecryptionFailed:
+            unreadable += 1
+            print(
+                f"pocketllm: the {config.provider} key of user {config.user_id} cannot be decrypted with any "
+                "ENCRYPTION_KEY entry; it was left as it is",
+                file=sys.stderr,
+            )
+    await session.flush()
+    print(f"re-encrypted {rotated} provider key(s) under the primary ENCRYPTION_KEY")
+    return 1 if unreadable else 0
 
 
 if __name__ == "__main__":

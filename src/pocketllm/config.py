@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     supabase_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     encryption_key: str | None = None
+
+    # Lets provider base URLs point at loopback and private networks, e.g. a local Ollama. Cloud metadata
+    # addresses stay blocked either way.
+    allow_private_provider_urls: bool = False
+    provider_connect_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    provider_read_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+    catalogue_timeout_seconds: float = Field(default=15.0, gt=0, le=120)
+    catalogue_cache_ttl_seconds: int = Field(default=300, ge=0, le=86_400)
+    redis_url: str | None = None
     invite_code: bool = True
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -36,3 +36,7 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
 # scope="function" ends the dependency (and so commits) before the response is sent, so a failed
 # commit becomes an error response instead of a success the database never stored.
 DbSession = Annotated[AsyncSession, Depends(get_db_session, scope="function")]
+
+
+# For handlers that must call a provider between two short transactions instead of holding one open.
+Db = Annotated[Database, Depends(get_database)]

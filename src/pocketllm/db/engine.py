@@ -68,12 +68,17 @@ class Database:
 
     @asynccontextmanager
     async def read_only(self) -> AsyncIterator[AsyncSession]:
-        """Yield a session for reads only; on SQLite it does not take the write lock."""
+        """Yield a session for reads only; on SQLite it does not take the write lock.
+
+        Loaded objects stay usable after the block, detached, like objects from a committed transaction.
+        """
         async with self.sessionmaker() as session:
             await session.connection(execution_options=_READ_ONLY_OPTIONS)
             try:
                 yield session
             finally:
+                # Detach first: a rollback would expire every loaded attribute.
+                session.expunge_all()
                 await session.rollback()
 
     async def dispose(self) -> None:

@@ -44,3 +44,6 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     root.setLevel(level.upper())
     # Uvicorn's access log repeats what our request log already records, with the query string included.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request URL at INFO; provider URLs are users' own and some carry keys in the query.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

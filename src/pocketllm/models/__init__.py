@@ -1,9 +1,20 @@
 """All ORM tables, imported here so that Alembic and the relationship registry see every one."""
 
 from pocketllm.models.invite import InviteCode
+from pocketllm.models.model_config import ModelConfig
 from pocketllm.models.profile import Profile
+from pocketllm.models.provider import ProviderConfig
 from pocketllm.models.session import AuthSession, RefreshToken
 from pocketllm.models.user import User
 from pocketllm.models.waitlist import WaitlistApplication
 
-__all__ = ["AuthSession", "InviteCode", "Profile", "RefreshToken", "User", "WaitlistApplication"]
+__all__ = [
+    "AuthSession",
+    "InviteCode",
+    "ModelConfig",
+    "Profile",
+    "ProviderConfig",
+    "RefreshToken",
+    "User",
+    "WaitlistApplication",
+]

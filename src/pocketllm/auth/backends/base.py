@@ -22,7 +22,7 @@ SignOutScope = Literal["local", "global", "others"]
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
-    """Where a sign-in came from, kept on the session for the user's own review."""
+    """Origin of a sign-in (user agent and IP address), kept on the session for the user's own review."""
 
     user_agent: str | None = None
     ip_address: str | None = None

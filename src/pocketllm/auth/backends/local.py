@@ -202,7 +202,7 @@ class LocalAuthBackend(AuthBackend):
                 .where(User.id == principal.user_id)
                 .values(password_hash=new_hash, password_changed_at=utcnow(), updated_at=utcnow())
             )
-            # Whoever knew the old password may hold other sessions; the device that changed it keeps its own.
+            # Anyone who knew the old password may have other sessions open, so those end. This device stays signed in.
             revoked = await self._revoke_sessions(
                 session,
                 principal.user_id,

@@ -1,0 +1,35 @@
+"""Process-wide provider machinery, created by the app's lifespan and reached through the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request
+
+from pocketllm.kit.cache import JsonCache
+from pocketllm.kit.crypto import SecretBox
+from pocketllm.providers.catalogue import Catalogue
+from pocketllm.providers.http import ProviderHttp
+
+
+@dataclass(slots=True)
+class ProviderRuntime:
+    http_client: httpx.AsyncClient
+    http: ProviderHttp
+    catalogue: Catalogue
+    cache: JsonCache
+    secrets: SecretBox
+
+    async def close(self) -> None:
+        await self.http_client.aclose()
+        await self.cache.close()
+
+
+def get_provider_runtime(request: Request) -> ProviderRuntime:
+    runtime: ProviderRuntime = request.app.state.providers
+    return runtime
+
+
+Providers = Annotated[ProviderRuntime, Depends(get_provider_runtime)]

@@ -1,0 +1,151 @@
+"""HTTP calls to providers: through the outbound guard, with provider failures turned into domain errors.
+
+Provider error texts can quote part of the key ("Incorrect API key provided: sk-ab***cd"), so no
+provider text reaches our responses or logs without `scrub_secret` first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import structlog
+
+from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
+from pocketllm.providers.guard import OutboundGuard, ProviderUnreachable
+
+log = structlog.get_logger(__name__)
+
+MAX_PROVIDER_MESSAGE_LENGTH = 300
+# Key-shaped words: long runs of letters, digits, dashes and underscores, with or without a known prefix.
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|gsk|xai|key|api)[-_][A-Za-z0-9_\-*.]{6,}|\b[A-Za-z0-9_\-]{32,}\b")
+
+
+def scrub_secret(text: str, secret: str | None) -> str:
+    """Remove `secret` and anything shaped like an API key from `text`, and shorten it."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    text = _KEY_LIKE.sub("[redacted]", text)
+    return text[:MAX_PROVIDER_MESSAGE_LENGTH]
+
+
+def provider_error_message(response: httpx.Response, secret: str | None) -> str:
+    """Extract the human-readable error from an OpenAI- or Anthropic-shaped error body, scrubbed."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return ""
+    message: Any = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+        message = message or body.get("message") or body.get("detail")
+    return scrub_secret(message, secret) if isinstance(message, str) else ""
+
+
+class ProviderHttp:
+    """Sends provider requests through the guard on the process-wide HTTP client."""
+
+    def __init__(self, client: httpx.AsyncClient, guard: OutboundGuard) -> None:
+        self.client = client
+        self.guard = guard
+
+    async def request_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        provider: str,
+        secret: str | None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Any:
+        """Send a request and return its decoded JSON body, raising a domain error on any failure."""
+        try:
+            response = await self.guard.request(
+                self.client,
+                method,
+                url,
+                headers=headers,
+                params=params,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException as error:
+            log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+            raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
+        except httpx.TransportError as error:
+            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+            raise ProviderUnreachable(f"Could not connect to {provider}; check its base URL.") from error
+
+        raise_for_provider_status(response, provider=provider, secret=secret)
+        try:
+            return response.json()
+        except ValueError as error:
+            log.info("provider.malformed_response", provider=provider, status=response.status_code)
+            raise ProviderRequestFailed(f"{provider} answered with a body that is not JSON.") from error
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        provider: str,
+        secret: str | None,
+        headers: dict[str, str] | None = None,
+        json: Any = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """Open a streaming request; the status is checked (and the body read for the error) before yielding."""
+        try:
+            async with self.guard.stream(
+                self.client,
+                method,
+                url,
+                headers=headers,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            ) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    raise_for_provider_status(response, provider=provider, secret=secret)
+                yield response
+        except httpx.TimeoutException as error:
+            log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+            raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
+        except httpx.TransportError as error:
+            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+            raise ProviderUnreachable(f"Could not connect to {provider}; check its base URL.") from error
+
+
+def raise_for_provider_status(response: httpx.Response, *, provider: str, secret: str | None) -> None:
+    status = response.status_code
+    if status < 300:
+        return
+
+    log.info("provider.request_failed", provider=provider, status=status)
+    if 300 <= status < 400:
+        raise ProviderRequestFailed(
+            f"{provider} answered with a redirect ({status}), which is not followed; check the base URL."
+        )
+    if status in (401, 403):
+        raise ProviderAuthFailed(f"{provider} rejected the API key ({status}); check the key and save it again.")
+    if status == 429:
+        retry_after = response.headers.get("retry-after")
+        headers = {"Retry-After": retry_after} if retry_after and retry_after.strip().isdigit() else None
+        raise ProviderRateLimited(
+            f"{provider} is rate-limiting requests with this key; try again later.", headers=headers
+        )
+
+    detail = provider_error_message(response, secret)
+    suffix = f": {detail}" if detail else "."
+    raise ProviderRequestFailed(f"{provider} answered {status}{suffix}")

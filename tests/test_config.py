@@ -1,0 +1,507 @@
+"""Settings: production safety checks, generated secrets, environment parsing and the CLI's rejection."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from pydantic import AliasChoices, ValidationError
+
+from pocketllm.app import create_app
+from pocketllm.config import (
+    ENCRYPTION_KEY_FILE,
+    JWT_SECRET_FILE,
+    AuthBackend,
+    ConfigurationError,
+    Environment,
+    Settings,
+    resolve_settings,
+)
+from tests.conftest import TEST_JWT_SECRET
+
+POSTGRES_URL = "postgresql+asyncpg://pocketllm@127.0.0.1:5432/pocketllm"
+VALID_ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
+def setting_env_names() -> set[str]:
+    """Every environment variable name (lower-case) that Settings reads, aliases included."""
+    names: set[str] = set()
+    for field_name, field in Settings.model_fields.items():
+        names.add(field_name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias)
+    return names
+
+
+def clean_environment() -> dict[str, str]:
+    """A copy of os.environ without any variable that Settings would read."""
+    names = setting_env_names()
+    return {key: value for key, value in os.environ.items() if key.lower() not in names}
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Remove settings variables of the calling shell and run in an empty directory without a .env file."""
+    names = setting_env_names()
+    for key in list(os.environ):
+        if key.lower() in names:
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def production_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Production settings that pass every check unless an override breaks one."""
+    values: dict[str, Any] = {
+        "environment": Environment.PRODUCTION,
+        "data_dir": tmp_path / "data",
+        "database_url": POSTGRES_URL,
+        "jwt_secret": TEST_JWT_SECRET,
+        "encryption_key": VALID_ENCRYPTION_KEY,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def development_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"environment": Environment.DEVELOPMENT, "data_dir": data_dir}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# Production safety
+
+
+def test_production_complete_passes(tmp_path: Path) -> None:
+    resolved = resolve_settings(production_settings(tmp_path))
+
+    assert resolved.jwt_secret == TEST_JWT_SECRET
+    assert resolved.encryption_key == VALID_ENCRYPTION_KEY
+    assert resolved.generated_secrets == frozenset()
+    assert resolved.is_sqlite is False
+
+
+def test_production_writes_no_secret_files(tmp_path: Path) -> None:
+    resolve_settings(production_settings(tmp_path))
+
+    assert not (tmp_path / "data" / JWT_SECRET_FILE).exists()
+    assert not (tmp_path / "data" / ENCRYPTION_KEY_FILE).exists()
+
+
+@pytest.mark.parametrize("jwt_secret", [None, ""])
+def test_production_missing_jwt_secret(tmp_path: Path, jwt_secret: str | None) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, jwt_secret=jwt_secret))
+
+    message = str(raised.value)
+    assert "JWT_SECRET" in message
+    assert "ENCRYPTION_KEY" not in message
+    assert "DATABASE_URL" not in message
+
+
+@pytest.mark.parametrize("placeholder", ["changeme", "CHANGEME", "change-me", "secret", "super-secret-jwt-token"])
+def test_production_placeholder_jwt_secret(tmp_path: Path, placeholder: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, jwt_secret=placeholder))
+
+    message = str(raised.value)
+    assert "JWT_SECRET" in message
+    assert "placeholder" in message
+
+
+def test_production_short_jwt_secret(tmp_path: Path) -> None:
+    short_secret = "a3f9c2e8b7d14e6f0a1b2c3d4e5f607"  # 31 characters, random-looking, not a placeholder
+
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, jwt_secret=short_secret))
+
+    message = str(raised.value)
+    assert "JWT_SECRET" in message
+    assert "32" in message
+
+
+def test_production_32_char_secret_passes(tmp_path: Path) -> None:
+    secret = "a3f9c2e8b7d14e6f0a1b2c3d4e5f6071"
+
+    resolved = resolve_settings(production_settings(tmp_path, jwt_secret=secret))
+
+    assert resolved.jwt_secret == secret
+
+
+def test_production_ignores_stored_jwt_secret(tmp_path: Path) -> None:
+    # A secret generated by an earlier development run must not be picked up silently in production.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / JWT_SECRET_FILE).write_text("generated-in-development-" + "x" * 40 + "\n", encoding="utf-8")
+
+    with pytest.raises(ConfigurationError, match="JWT_SECRET"):
+        resolve_settings(production_settings(tmp_path, jwt_secret=None))
+
+
+@pytest.mark.parametrize("encryption_key", [None, ""])
+def test_production_missing_encryption_key(tmp_path: Path, encryption_key: str | None) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, encryption_key=encryption_key))
+
+    message = str(raised.value)
+    assert "ENCRYPTION_KEY" in message
+    assert "JWT_SECRET" not in message
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    [None, "sqlite+aiosqlite:///var/lib/pocketllm/pocketllm.db", "sqlite+aiosqlite:///:memory:"],
+)
+def test_production_sqlite_rejected(tmp_path: Path, database_url: str | None) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, database_url=database_url))
+
+    message = str(raised.value)
+    assert "DATABASE_URL" in message
+    assert "JWT_SECRET" not in message
+
+
+def test_production_lists_every_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(production_settings(tmp_path, jwt_secret=None, encryption_key=None, database_url=None))
+
+    message = str(raised.value)
+    assert "JWT_SECRET" in message
+    assert "ENCRYPTION_KEY" in message
+    assert "DATABASE_URL" in message
+
+
+def test_create_app_rejects_production_sqlite(tmp_path: Path) -> None:
+    settings = production_settings(tmp_path, database_url=None)
+
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        create_app(settings)
+
+
+def test_create_app_accepts_production_postgres(tmp_path: Path) -> None:
+    # Building the app opens no connection, so an unused PostgreSQL URL is enough here.
+    app = create_app(production_settings(tmp_path))
+
+    assert app.state.settings.is_production is True
+
+
+# Generated secrets outside production
+
+
+@pytest.mark.parametrize("environment", [Environment.DEVELOPMENT, Environment.TEST])
+def test_generated_secrets_written_0600(tmp_path: Path, environment: Environment) -> None:
+    data_dir = tmp_path / "data"
+
+    resolved = resolve_settings(development_settings(data_dir, environment=environment))
+
+    jwt_file = data_dir / JWT_SECRET_FILE
+    key_file = data_dir / ENCRYPTION_KEY_FILE
+    assert file_mode(jwt_file) == 0o600
+    assert file_mode(key_file) == 0o600
+    assert jwt_file.read_text(encoding="utf-8").strip() == resolved.jwt_secret
+    assert key_file.read_text(encoding="utf-8").strip() == resolved.encryption_key
+
+
+def test_generated_secrets_marked(tmp_path: Path) -> None:
+    resolved = resolve_settings(development_settings(tmp_path / "data"))
+
+    assert resolved.generated_secrets == frozenset({"jwt_secret", "encryption_key"})
+
+
+def test_generated_secrets_usable(tmp_path: Path) -> None:
+    resolved = resolve_settings(development_settings(tmp_path / "data"))
+
+    assert resolved.jwt_secret is not None
+    assert len(resolved.jwt_secret) >= 32
+    assert resolved.encryption_key is not None
+    Fernet(resolved.encryption_key.encode())  # raises ValueError when the key is not a Fernet key
+
+
+def test_generated_secrets_persist(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    first = resolve_settings(development_settings(data_dir))
+    second = resolve_settings(development_settings(data_dir))
+
+    assert second.jwt_secret == first.jwt_secret
+    assert second.encryption_key == first.encryption_key
+
+
+def test_generated_secrets_differ_per_data_dir(tmp_path: Path) -> None:
+    first = resolve_settings(development_settings(tmp_path / "one"))
+    second = resolve_settings(development_settings(tmp_path / "two"))
+
+    assert second.jwt_secret != first.jwt_secret
+    assert second.encryption_key != first.encryption_key
+
+
+def test_explicit_secrets_not_written(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    resolved = resolve_settings(
+        development_settings(data_dir, jwt_secret=TEST_JWT_SECRET, encryption_key=VALID_ENCRYPTION_KEY)
+    )
+
+    assert resolved.jwt_secret == TEST_JWT_SECRET
+    assert resolved.generated_secrets == frozenset()
+    assert not (data_dir / JWT_SECRET_FILE).exists()
+    assert not (data_dir / ENCRYPTION_KEY_FILE).exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_read_or_create_secret returns '' for an existing empty secret file, because O_EXCL fails and "
+    "the fallback re-reads the same empty file instead of writing a new secret",
+)
+@pytest.mark.parametrize("file_name", [JWT_SECRET_FILE, ENCRYPTION_KEY_FILE])
+def test_empty_secret_file_regenerated(tmp_path: Path, file_name: str) -> None:
+    # An empty file is what a crash between creating and writing the secret leaves behind.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / file_name).touch(mode=0o600)
+
+    resolved = resolve_settings(development_settings(data_dir))
+
+    assert resolved.jwt_secret
+    assert resolved.encryption_key
+    assert resolved.encryption_keys != []
+
+
+# Reading values from the environment
+
+
+def test_jwt_secret_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
+
+    assert Settings(_env_file=None).jwt_secret == TEST_JWT_SECRET
+
+
+def test_supabase_jwt_secret_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPABASE_JWT_SECRET", TEST_JWT_SECRET)
+
+    assert Settings(_env_file=None).jwt_secret == TEST_JWT_SECRET
+
+
+def test_supabase_jwt_secret_alias_dotenv(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"SUPABASE_JWT_SECRET={TEST_JWT_SECRET}\n", encoding="utf-8")
+
+    assert Settings(_env_file=env_file).jwt_secret == TEST_JWT_SECRET
+
+
+def test_supabase_alias_passes_production(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("SUPABASE_JWT_SECRET", TEST_JWT_SECRET)
+    monkeypatch.setenv("ENCRYPTION_KEY", VALID_ENCRYPTION_KEY)
+    monkeypatch.setenv("DATABASE_URL", POSTGRES_URL)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+
+    resolved = resolve_settings(Settings(_env_file=None))
+
+    assert resolved.jwt_secret == TEST_JWT_SECRET
+
+
+def test_cors_origins_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "https://app.example.com, http://localhost:3000,")
+
+    settings = Settings(_env_file=None)
+
+    assert settings.cors_origins == ["https://app.example.com", "http://localhost:3000"]
+
+
+def test_cors_origins_single_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "https://app.example.com")
+
+    assert Settings(_env_file=None).cors_origins == ["https://app.example.com"]
+
+
+def test_cors_origins_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "")
+
+    assert Settings(_env_file=None).cors_origins == []
+
+
+def test_jwt_algorithms_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_ALGORITHMS", "HS256, RS256,ES256")
+
+    settings = Settings(_env_file=None)
+
+    assert settings.jwt_algorithms == ["HS256", "RS256", "ES256"]
+
+
+def test_jwt_algorithms_default() -> None:
+    assert Settings(_env_file=None).jwt_algorithms == ["HS256"]
+
+
+@pytest.mark.parametrize("value", ["none", "HS256,none", "HS256, None", "NONE"])
+def test_jwt_algorithms_none_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("JWT_ALGORITHMS", value)
+
+    with pytest.raises(ValidationError, match="none"):
+        Settings(_env_file=None)
+
+
+def test_jwt_algorithms_none_in_code() -> None:
+    with pytest.raises(ValidationError, match="none"):
+        Settings(_env_file=None, jwt_algorithms=["HS256", "none"])
+
+
+@pytest.mark.parametrize("value", ["", " , "])
+def test_jwt_algorithms_empty_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("JWT_ALGORITHMS", value)
+
+    with pytest.raises(ValidationError, match="at least one algorithm"):
+        Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("encryption_key", "entry"),
+    [
+        ("not-a-fernet-key", 1),
+        ("c2hvcnQ=", 1),  # valid base64, but 5 bytes instead of 32
+        (f"{VALID_ENCRYPTION_KEY},not-a-fernet-key", 2),
+    ],
+)
+def test_invalid_encryption_key(tmp_path: Path, encryption_key: str, entry: int) -> None:
+    settings = development_settings(tmp_path / "data", encryption_key=encryption_key)
+
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(settings)
+
+    message = str(raised.value)
+    assert "ENCRYPTION_KEY" in message
+    assert f"entry {entry}" in message
+    assert "Fernet" in message
+    assert "not-a-fernet-key" not in message
+
+
+def test_invalid_encryption_key_production(tmp_path: Path) -> None:
+    settings = production_settings(tmp_path, encryption_key="not-a-fernet-key")
+
+    with pytest.raises(ConfigurationError, match="ENCRYPTION_KEY"):
+        resolve_settings(settings)
+
+
+def test_encryption_key_rotation_list(tmp_path: Path) -> None:
+    older_key = Fernet.generate_key().decode()
+    settings = development_settings(tmp_path / "data", encryption_key=f"{VALID_ENCRYPTION_KEY}, {older_key}")
+
+    resolved = resolve_settings(settings)
+
+    assert resolved.encryption_keys == [VALID_ENCRYPTION_KEY, older_key]
+
+
+def test_supabase_requires_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTH_BACKEND", "supabase")
+    monkeypatch.setenv("SUPABASE_ANON_KEY", "anon-key")
+
+    with pytest.raises(ValidationError, match="SUPABASE_URL"):
+        Settings(_env_file=None)
+
+
+def test_supabase_requires_anon_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTH_BACKEND", "supabase")
+    monkeypatch.setenv("SUPABASE_URL", "https://project.supabase.co")
+
+    with pytest.raises(ValidationError, match="SUPABASE_ANON_KEY"):
+        Settings(_env_file=None)
+
+
+def test_supabase_settings_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTH_BACKEND", "supabase")
+    monkeypatch.setenv("SUPABASE_URL", "https://project.supabase.co/")
+    monkeypatch.setenv("SUPABASE_ANON_KEY", "anon-key")
+
+    settings = Settings(_env_file=None)
+
+    assert settings.auth_backend is AuthBackend.SUPABASE
+    assert settings.supabase_url == "https://project.supabase.co"
+    assert settings.token_issuer == "https://project.supabase.co/auth/v1"
+
+
+# The command line
+
+
+def run_cli(arguments: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603  (fixed arguments, our own interpreter)
+        [sys.executable, "-m", "pocketllm", *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_directories(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty working directory and a data directory for a CLI run."""
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir()
+    return working_dir, tmp_path / "data"
+
+
+def test_cli_migrate_rejects_production(cli_directories: tuple[Path, Path]) -> None:
+    working_dir, data_dir = cli_directories
+    env = {**clean_environment(), "ENVIRONMENT": "production", "DATA_DIR": str(data_dir)}
+
+    result = run_cli(["migrate"], cwd=working_dir, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "configuration error" in result.stderr
+    assert "JWT_SECRET" in result.stderr
+    assert "ENCRYPTION_KEY" in result.stderr
+    assert "DATABASE_URL" in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_rejection_touches_nothing(cli_directories: tuple[Path, Path]) -> None:
+    working_dir, data_dir = cli_directories
+    env = {**clean_environment(), "ENVIRONMENT": "production", "DATA_DIR": str(data_dir)}
+
+    run_cli(["migrate"], cwd=working_dir, env=env)
+
+    assert not data_dir.exists()
+    assert list(working_dir.iterdir()) == []
+
+
+def test_cli_reads_dotenv_placeholder(cli_directories: tuple[Path, Path]) -> None:
+    working_dir, data_dir = cli_directories
+    (working_dir / ".env").write_text(
+        "ENVIRONMENT=production\n"
+        "JWT_SECRET=changeme\n"
+        f"ENCRYPTION_KEY={VALID_ENCRYPTION_KEY}\n"
+        f"DATABASE_URL={POSTGRES_URL}\n",
+        encoding="utf-8",
+    )
+    env = {**clean_environment(), "DATA_DIR": str(data_dir)}
+
+    result = run_cli(["migrate"], cwd=working_dir, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "JWT_SECRET" in result.stderr
+    assert "placeholder" in result.stderr
+    assert "ENCRYPTION_KEY" not in result.stderr
+
+
+def test_cli_rejects_none_algorithm(cli_directories: tuple[Path, Path]) -> None:
+    working_dir, data_dir = cli_directories
+    env = {**clean_environment(), "JWT_ALGORITHMS": "HS256,none", "DATA_DIR": str(data_dir)}
+
+    result = run_cli(["migrate"], cwd=working_dir, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "JWT_ALGORITHMS" in result.stderr
