@@ -26,6 +26,19 @@ API_ROUTES = {
     ("POST", "/v1/auth/signin/otp"),
     ("POST", "/v1/auth/signin/oauth"),
     ("GET", "/v1/users/profile"),
+    ("GET", "/v1/providers"),
+    ("GET", "/v1/providers/status"),
+    ("POST", "/v1/providers/activate"),
+    ("PATCH", "/v1/providers/{provider}"),
+    ("DELETE", "/v1/providers/{provider}"),
+    ("GET", "/v1/providers/{provider}/models"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/saved"),
+    ("POST", "/v1/models/import"),
+    ("GET", "/v1/models/{model_id}"),
+    ("PATCH", "/v1/models/{model_id}"),
+    ("DELETE", "/v1/models/{model_id}"),
+    ("POST", "/v1/models/{model_id}/default"),
 }
 
 

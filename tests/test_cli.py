@@ -15,15 +15,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pocketllm.db.engine import Database
 from pocketllm.referrals.service import normalize_code
 from tests.helpers import DEFAULT_PASSWORD
 
 
-def run_cli(*arguments: str, database_url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *arguments: str, database_url: str, data_dir: Path, extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environment = {
-        key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "JWT_", "INVITE_"))
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "JWT_", "INVITE_", "ENCRYPTION_"))
     }
-    environment.update({"DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING"})
+    environment.update(
+        {"DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING", **(extra or {})}
+    )
     return subprocess.run(  # noqa: S603  (fixed interpreter and arguments)
         [sys.executable, "-m", "pocketllm", *arguments],
         capture_output=True,
@@ -233,3 +240,67 @@ def test_serve_with_workers_on_postgres(database_url: str, tmp_path: Path) -> No
 
     assert statuses == [200, 200, 200, 200]
     assert ready.json()["checks"]["database"] == "ok"
+
+
+async def test_keys_rotate_reencrypts_under_primary(database_url: str, tmp_path: Path, database: Database) -> None:
+    from cryptography.fernet import Fernet
+    from sqlalchemy import select
+
+    from pocketllm.kit.crypto import SecretBox, SecretDecryptionFailed
+    from pocketllm.models import ProviderConfig, User
+
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    async with database.transaction() as session:
+        user = User(email="keys@example.com")
+        session.add(user)
+        await session.flush()
+        session.add(
+            ProviderConfig(
+                user_id=user.id, provider="openai", api_key_encrypted=SecretBox([old_key]).encrypt("sk-rotate-me")
+            )
+        )
+
+    environment_key = f"{new_key},{old_key}"
+    result = run_cli(
+        "keys", "rotate", database_url=database_url, data_dir=tmp_path, extra={"ENCRYPTION_KEY": environment_key}
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "re-encrypted 1" in result.stdout
+    async with database.transaction() as session:
+        token = await session.scalar(select(ProviderConfig.api_key_encrypted))
+    assert token is not None
+    assert SecretBox([new_key]).decrypt(token) == "sk-rotate-me"
+    with pytest.raises(SecretDecryptionFailed):
+        SecretBox([old_key]).decrypt(token)
+
+
+async def test_keys_rotate_reports_unreadable_keys(database_url: str, tmp_path: Path, database: Database) -> None:
+    from cryptography.fernet import Fernet
+
+    from pocketllm.kit.crypto import SecretBox
+    from pocketllm.models import ProviderConfig, User
+
+    async with database.transaction() as session:
+        user = User(email="lost@example.com")
+        session.add(user)
+        await session.flush()
+        session.add(
+            ProviderConfig(
+                user_id=user.id,
+                provider="groq",
+                api_key_encrypted=SecretBox([Fernet.generate_key().decode()]).encrypt("sk-lost"),
+            )
+        )
+
+    result = run_cli(
+        "keys",
+        "rotate",
+        database_url=database_url,
+        data_dir=tmp_path,
+        extra={"ENCRYPTION_KEY": Fernet.generate_key().decode()},
+    )
+
+    assert result.returncode == 1
+    assert "groq" in result.stderr
+    assert "sk-lost" not in result.stderr + result.stdout

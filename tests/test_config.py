@@ -260,11 +260,6 @@ def test_explicit_secrets_not_written(tmp_path: Path) -> None:
     assert not (data_dir / ENCRYPTION_KEY_FILE).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_read_or_create_secret returns '' for an existing empty secret file, because O_EXCL fails and "
-    "the fallback re-reads the same empty file instead of writing a new secret",
-)
 @pytest.mark.parametrize("file_name", [JWT_SECRET_FILE, ENCRYPTION_KEY_FILE])
 def test_empty_secret_file_regenerated(tmp_path: Path, file_name: str) -> None:
     # An empty file is what a crash between creating and writing the secret leaves behind.

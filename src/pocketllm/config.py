@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from cryptography.fernet import Fernet
+
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl; concurrent first starts there may race for the secret files.
+    fcntl = None  # type: ignore[assignment]
 from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values that people paste from examples; a server must never sign tokens with them in production.
 PLACEHOLDER_SECRETS = frozenset(
-    {"", "changeme", "change-me", "secret", "your-secret", "your-jwt-secret", "super-secret-jwt-token"}
+    {
+        "",
+        "changeme",
+        "change-me",
+        "secret",
+        "your-secret",
+        "your-jwt-secret",
+        "super-secret-jwt-token",
+        # The example value in Supabase's self-hosting guide.
+        "your-super-secret-jwt-token-with-at-least-32-characters-long",
+    }
 )
 MIN_JWT_SECRET_LENGTH = 32
 JWT_SECRET_FILE = "jwt_secret"  # noqa: S105  (a file name)
@@ -75,12 +93,12 @@ class Settings(BaseSettings):
     password_hash_parallelism: int = Field(default=4, ge=1, le=64)
 
     supabase_url: str | None = None
-    supabase_anon_key: str | None = None
-    supabase_service_role_key: str | None = None
+    supabase_anon_key: str | None = Field(default=None, repr=False)
+    supabase_service_role_key: str | None = Field(default=None, repr=False)
     supabase_jwks_url: str | None = None
     supabase_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
-    encryption_key: str | None = None
+    encryption_key: str | None = Field(default=None, repr=False)
 
     # Lets provider base URLs point at loopback and private networks, e.g. a local Ollama. Cloud metadata
     # addresses stay blocked either way.
@@ -181,23 +199,49 @@ class Settings(BaseSettings):
             raise ConfigurationError("Refusing to start with ENVIRONMENT=production: " + "; ".join(problems) + ".")
 
 
-def _read_or_create_secret(path: Path, generate: Any) -> str:
-    """Return the secret stored at `path`, creating it with owner-only permissions on first use."""
-    if path.exists():
-        value = path.read_text(encoding="utf-8").strip()
-        if value:
-            return value
+def _read_or_create_secret(path: Path, generate: Callable[[], str]) -> str:
+    """Return the secret stored at `path`, creating it with owner-only permissions on first use.
 
-    value = str(generate())
+    An exclusive lock on a file beside it makes processes that start at once agree on one secret. The
+    secret is written to a temporary file and renamed into place, so a crash never leaves a half-written
+    file, and an empty file (written by hand, or by a crash in older versions) is replaced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL keeps two processes starting at once from writing different secrets; the loser reads the winner's.
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(value + "\n")
+    with _exclusive_lock(path.parent / ".secrets.lock"):
+        existing = _read_secret_file(path)
+        if existing:
+            return existing
+
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(generate() + "\n")
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    value = _read_secret_file(path)
+    if not value:
+        raise ConfigurationError(f"Could not store a generated secret in {path}; check DATA_DIR permissions.")
     return value
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as lock_file:
+        if fcntl is not None:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        yield
+    # Closing the file releases the lock.
+
+
+def _read_secret_file(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _validate_fernet_keys(keys: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import httpx
@@ -186,7 +187,12 @@ class TestCatalogue:
 
 @pytest.mark.parametrize(
     "settings_overrides",
-    [{"allow_private_provider_urls": True, "redis_url": "redis://127.0.0.1:6379/14"}],
+    [
+        {
+            "allow_private_provider_urls": True,
+            "redis_url": os.environ.get("POCKETLLM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        }
+    ],
 )
 async def test_catalogue_cache_in_redis(
     client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: Any
@@ -378,7 +384,7 @@ class TestDefault:
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         await activate_openai(client, headers, fake_provider)
-        first, second = (await import_models(client, headers, ["gpt-4o-mini", "gpt-4o"])).json()
+        _first, second = (await import_models(client, headers, ["gpt-4o-mini", "gpt-4o"])).json()
 
         response = await client.post(f"/v1/models/{second['id']}/default", headers=headers, json={})
 
