@@ -189,3 +189,46 @@ async def test_logs_hold_no_secrets(
     assert "request.completed" in logged
     for secret in (DEFAULT_PASSWORD, "Wr0ngPassword!", "N3wSecret!!", tokens["access_token"], tokens["refresh_token"]):
         assert secret not in logged
+
+
+class TestBodyChecks:
+    @pytest.mark.parametrize(
+        ("path", "payload", "location"),
+        [
+            ("/v1/auth/validate-invite-code", {"code": "AB\u0000CD"}, ["body", "code"]),
+            (
+                "/v1/auth/signup",
+                {"email": "nul@example.com", "password": DEFAULT_PASSWORD, "full_name": "A\u0000B"},
+                ["body", "full_name"],
+            ),
+            (
+                "/v1/auth/signup",
+                {"email": "nul@example.com", "password": DEFAULT_PASSWORD, "invite_code": "x", "extra": {"k\u0000": 1}},
+                ["body", "extra"],
+            ),
+        ],
+    )
+    async def test_nul_characters_are_422(
+        self, client: httpx.AsyncClient, path: str, payload: dict[str, Any], location: list[str]
+    ) -> None:
+        response = await client.post(path, json=payload)
+
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["code"] == "validation_error"
+        assert body["detail"][0]["loc"] == location
+        assert "NUL" in body["message"]
+
+    async def test_escaped_backslash_is_not_nul(self, client: httpx.AsyncClient) -> None:
+        response = await client.post("/v1/auth/validate-invite-code", json={"code": "AB\\u0000CD"})
+
+        assert response.status_code == 400
+        assert response.json()["code"] == "invite_code_not_found"
+
+    async def test_oversized_body_is_413(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/v1/auth/signin", json={"email": "big@example.com", "password": "x" * (2 * 1024 * 1024)}
+        )
+
+        assert response.status_code == 413
+        assert response.json()["code"] == "payload_too_large"

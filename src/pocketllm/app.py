@@ -15,6 +15,8 @@ from pocketllm import __version__
 from pocketllm.auth.backends.base import AuthBackend
 from pocketllm.auth.passwords import PasswordHashing
 from pocketllm.auth.router import router as auth_router
+from pocketllm.chats.replies import ReplyGenerator
+from pocketllm.chats.router import router as chats_router
 from pocketllm.config import AuthBackend as AuthBackendName
 from pocketllm.config import Settings, load_settings, resolve_settings
 from pocketllm.db.engine import Database, create_engine
@@ -103,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = database
         app.state.auth_backend = build_auth_backend(settings, database)
         app.state.providers = build_provider_runtime(settings)
+        app.state.replies = ReplyGenerator(database, app.state.providers.http, app.state.providers.secrets)
         log.info(
             "app.started",
             version=__version__,
@@ -113,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.replies.drain(timeout=settings.shutdown_grace_seconds)
             await app.state.auth_backend.close()
             await app.state.providers.close()
             await database.dispose()
@@ -144,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users_router)
     app.include_router(providers_router)
     app.include_router(model_configs_router)
+    app.include_router(chats_router)
     return app
 
 

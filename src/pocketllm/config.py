@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     catalogue_timeout_seconds: float = Field(default=15.0, gt=0, le=120)
     catalogue_cache_ttl_seconds: int = Field(default=300, ge=0, le=86_400)
     redis_url: str | None = None
+    # A comment line is sent on a quiet reply stream this often, so proxies do not close it as idle.
+    stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    # On shutdown, replies still being generated get this long to finish and be stored.
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=600)
     invite_code: bool = True
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -267,7 +271,8 @@ def resolve_settings(settings: Settings) -> Settings:
     generated: set[str] = set(settings.generated_secrets)
     needs_data_dir = settings.database_url is None or not settings.jwt_secret or not settings.encryption_key
     if needs_data_dir:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the folder holds the secrets and, by default, the database.
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     if not settings.jwt_secret:
         updates["jwt_secret"] = _read_or_create_secret(

@@ -283,6 +283,16 @@ async def test_expired_within_leeway_accepted(client: httpx.AsyncClient, claims:
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("expiry", [10**20, 253_402_300_800])
+async def test_far_future_expiry_rejected(client: httpx.AsyncClient, claims: dict[str, Any], expiry: int) -> None:
+    # Signed correctly, but past what the platform's time functions can represent.
+    token = forge({**claims, "exp": expiry})
+
+    response = await get_profile(client, bearer(token))
+
+    assert_unauthorized(response, "token_invalid")
+
+
 @pytest.mark.parametrize("settings_overrides", [{"jwt_leeway_seconds": 0}])
 async def test_zero_leeway_rejects_expired(client: httpx.AsyncClient, claims: dict[str, Any]) -> None:
     # The same 5-second-old expiry as above must be rejected when there is no leeway.

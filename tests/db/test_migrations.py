@@ -361,8 +361,11 @@ async def test_indexes_follow_convention(fresh_engine: AsyncEngine) -> None:
             if unique:
                 # Unique indexes (partial or on expressions) carry an explicit name in the uq_ style.
                 assert name.startswith(f"uq_{table}_"), name
-            else:
+            elif len(columns) == 1:
                 assert name == f"ix_{table}_{columns[0]}", table
+            else:
+                # Composite indexes are named by hand: table, then their leading columns.
+                assert name.startswith(f"ix_{table}_{columns[0]}_{columns[1]}"), name
 
 
 async def test_constraint_names_match_models(fresh_engine: AsyncEngine) -> None:

@@ -143,6 +143,16 @@ class TestActivate:
         assert response.json()["provider"]["has_api_key"] is False
         assert "authorization" not in fake_provider.last_request("/models").headers
 
+    @pytest.mark.parametrize("api_key", ["sk-ключ-1234567890123", "sk-with space-123456", "sk-line\nbreak-12345"])
+    async def test_key_must_be_visible_ascii(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, api_key: str
+    ) -> None:
+        response = await activate(client, headers, fake_provider, api_key=api_key)
+
+        assert response.status_code == 422
+        assert "visible ASCII" in response.json()["message"]
+        assert api_key not in response.text
+
     async def test_key_required_for_openai(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         response = await client.post("/v1/providers/activate", headers=headers, json={"provider": "openai"})
 
@@ -214,6 +224,57 @@ class TestActivate:
 
 
 class TestGuardOnSave:
+    @pytest.mark.parametrize(
+        "base_url", ["http://169.254.169.254/v1", "http://0xa9fea9fe/v1", "http://metadata.google.internal/v1"]
+    )
+    async def test_metadata_rejected_without_verification(
+        self, client: httpx.AsyncClient, headers: dict[str, str], base_url: str
+    ) -> None:
+        response = await client.post(
+            "/v1/providers/activate",
+            headers=headers,
+            json={"provider": "custom", "api_key": VALID_API_KEY, "base_url": base_url, "verify": False},
+        )
+
+        assert_error(response, 400, "provider_url_not_allowed")
+        assert (await client.get("/v1/providers", headers=headers)).json() == []
+
+    @pytest.mark.parametrize("settings_overrides", [{"allow_private_provider_urls": False}])
+    async def test_private_rejected_without_verification(
+        self, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        response = await client.post(
+            "/v1/providers/activate",
+            headers=headers,
+            json={"provider": "ollama", "verify": False},
+        )
+
+        assert_error(response, 400, "provider_url_not_allowed")
+
+    async def test_patch_to_metadata_rejected_without_verification(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await activate(client, headers, fake_provider)
+
+        response = await client.patch(
+            "/v1/providers/openai", headers=headers, json={"base_url": "http://[fd00:ec2::254]/v1", "verify": False}
+        )
+
+        assert_error(response, 400, "provider_url_not_allowed")
+        listed = (await client.get("/v1/providers", headers=headers)).json()
+        assert listed[0]["base_url"] == fake_provider.openai_base_url
+
+    async def test_unresolvable_host_saved_without_verification(
+        self, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        response = await client.post(
+            "/v1/providers/activate",
+            headers=headers,
+            json={"provider": "openai", "api_key": VALID_API_KEY, "verify": False},
+        )
+
+        assert response.status_code == 200, response.text
+
     @pytest.mark.parametrize("settings_overrides", [{"allow_private_provider_urls": False}])
     @pytest.mark.parametrize(
         "base_url",

@@ -38,9 +38,10 @@ from pocketllm.auth.schemas import (
 )
 from pocketllm.db.dependencies import DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, RateLimited, UpstreamError, error_responses
+from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.referrals import service as referrals
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=JsonBodyRoute)
 
 _INVITE_STATUS_MESSAGES = {
     "valid": "The invite code is valid.",

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -164,12 +164,16 @@ def _parse_claims(claims: dict[str, Any]) -> AccessTokenClaims:
         session_id = uuid.UUID(str(claims["session_id"])) if claims.get("session_id") else None
     except ValueError as error:
         raise TokenInvalid("The access token's 'sub' or 'session_id' claim is not a UUID.") from error
+    try:
+        expires_at = datetime.fromtimestamp(int(claims["exp"]), tz=UTC)
+    except (OverflowError, OSError, ValueError) as error:
+        raise TokenInvalid("The access token's 'exp' claim is out of range.") from error
     email = claims.get("email")
     return AccessTokenClaims(
         user_id=user_id,
         email=email if isinstance(email, str) and email else None,
         session_id=session_id,
-        expires_at=datetime.fromtimestamp(int(claims["exp"]), tz=utcnow().tzinfo),
+        expires_at=expires_at,
     )
 
 

@@ -15,8 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from pocketllm import __version__
 from pocketllm.db.dependencies import get_database
 from pocketllm.db.types import utcnow
+from pocketllm.kit.routing import JsonBodyRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 

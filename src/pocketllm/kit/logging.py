@@ -47,3 +47,5 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     # httpx logs every request URL at INFO; provider URLs are users' own and some carry keys in the query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Alembic reports each migration step at INFO; the CLI prints the resulting revision itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

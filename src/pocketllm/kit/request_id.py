@@ -51,7 +51,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_request_id)
         except Exception:
-            log.exception("request.unhandled_error", method=scope["method"], path=scope["path"])
+            log.exception("request.unhandled_error", method=scope["method"], path=_printable(scope["path"]))
             if response_started:
                 raise
             response = error_json(500, "internal_error", "Internal server error; the request id is logged.")
@@ -60,11 +60,18 @@ class RequestIdMiddleware:
             log.info(
                 "request.completed",
                 method=scope["method"],
-                path=scope["path"],
+                path=_printable(scope["path"]),
                 status=status_code,
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
             )
             structlog.contextvars.unbind_contextvars("request_id", "user_id")
+
+
+def _printable(path: str) -> str:
+    """Escape control characters, so a path cannot add raw bytes or line breaks to the log."""
+    if path.isprintable():
+        return path
+    return path.encode("unicode_escape").decode("ascii")
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, error_responses
+from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.model_configs import service
 from pocketllm.model_configs.schemas import (
     ModelConfiguration,
@@ -33,7 +34,7 @@ from pocketllm.providers.registry import PROVIDERS, UnsupportedProvider, get_pro
 from pocketllm.providers.router import filter_models
 from pocketllm.providers.schemas import ProviderModel
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 MAX_IMPORT_ALL = 200

@@ -58,6 +58,7 @@ class ModelImportRequest(BaseModel):
     provider: str = Field(min_length=1, max_length=64)
     models: list[str] | None = Field(
         default=None,
+        min_length=1,
         max_length=200,
         description="Catalogue model ids to import; omitted imports the provider's whole catalogue.",
     )

@@ -1,5 +1,6 @@
 """All ORM tables, imported here so that Alembic and the relationship registry see every one."""
 
+from pocketllm.models.chat import Chat, StoredMessage
 from pocketllm.models.invite import InviteCode
 from pocketllm.models.model_config import ModelConfig
 from pocketllm.models.profile import Profile
@@ -10,11 +11,13 @@ from pocketllm.models.waitlist import WaitlistApplication
 
 __all__ = [
     "AuthSession",
+    "Chat",
     "InviteCode",
     "ModelConfig",
     "Profile",
     "ProviderConfig",
     "RefreshToken",
+    "StoredMessage",
     "User",
     "WaitlistApplication",
 ]

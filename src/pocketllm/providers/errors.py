@@ -22,8 +22,15 @@ class ProviderRateLimited(RateLimited):
 
 
 class ProviderRequestFailed(UpstreamError):
-    code = "provider_error"
-    default_message = "The provider failed to answer the request."
+    """The provider could not be reached, answered 5xx, or sent something that is not a valid answer."""
+
+    code = "provider_unavailable"
+    default_message = "The provider failed to answer the request; try again later."
+
+
+class ContextLengthExceeded(InvalidInput):
+    code = "context_length_exceeded"
+    default_message = "The conversation is too long for the model's context window; start a new chat."
 
 
 class ProviderTimeout(UpstreamError):

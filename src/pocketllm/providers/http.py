@@ -7,17 +7,22 @@ provider text reaches our responses or logs without `scrub_secret` first.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import structlog
 
+from pocketllm.errors import PocketLLMError
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
-from pocketllm.providers.guard import OutboundGuard, ProviderUnreachable
+from pocketllm.providers.guard import OutboundGuard
 
 log = structlog.get_logger(__name__)
+
+# Maps a provider's error response to a more specific domain error (for example ContextLengthExceeded), or
+# returns None to keep the generic ProviderRequestFailed.
+ErrorMapper = Callable[[httpx.Response], PocketLLMError | None]
 
 MAX_PROVIDER_MESSAGE_LENGTH = 300
 # Key-shaped words: long runs of letters, digits, dashes and underscores, with or without a known prefix.
@@ -67,8 +72,13 @@ class ProviderHttp:
         params: dict[str, Any] | None = None,
         json: Any = None,
         timeout: float | httpx.Timeout | None = None,
+        map_error: ErrorMapper | None = None,
     ) -> Any:
-        """Send a request and return its decoded JSON body, raising a domain error on any failure."""
+        """Send a request and return its decoded JSON body, raising a domain error on any failure.
+
+        `map_error` is given error responses other than redirects, 401, 403 and 429 (see
+        `raise_for_provider_status`).
+        """
         try:
             response = await self.guard.request(
                 self.client,
@@ -84,9 +94,9 @@ class ProviderHttp:
             raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderUnreachable(f"Could not connect to {provider}; check its base URL.") from error
+            raise ProviderRequestFailed(f"Could not connect to {provider}; check its base URL.") from error
 
-        raise_for_provider_status(response, provider=provider, secret=secret)
+        raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
         try:
             return response.json()
         except ValueError as error:
@@ -104,6 +114,7 @@ class ProviderHttp:
         headers: dict[str, str] | None = None,
         json: Any = None,
         timeout: float | httpx.Timeout | None = None,
+        map_error: ErrorMapper | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Open a streaming request; the status is checked (and the body read for the error) before yielding."""
         try:
@@ -117,17 +128,24 @@ class ProviderHttp:
             ) as response:
                 if response.status_code >= 300:
                     await response.aread()
-                    raise_for_provider_status(response, provider=provider, secret=secret)
+                    raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
                 yield response
         except httpx.TimeoutException as error:
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
             raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderUnreachable(f"Could not connect to {provider}; check its base URL.") from error
+            raise ProviderRequestFailed(f"Could not connect to {provider}; check its base URL.") from error
 
 
-def raise_for_provider_status(response: httpx.Response, *, provider: str, secret: str | None) -> None:
+def raise_for_provider_status(
+    response: httpx.Response, *, provider: str, secret: str | None, map_error: ErrorMapper | None = None
+) -> None:
+    """Raise the domain error for an unsuccessful response. The body must have been read.
+
+    For a status other than a redirect, 401, 403 or 429, the error that `map_error` returns is raised
+    when it returns one, and ProviderRequestFailed otherwise.
+    """
     status = response.status_code
     if status < 300:
         return
@@ -145,6 +163,11 @@ def raise_for_provider_status(response: httpx.Response, *, provider: str, secret
         raise ProviderRateLimited(
             f"{provider} is rate-limiting requests with this key; try again later.", headers=headers
         )
+
+    if map_error is not None:
+        mapped = map_error(response)
+        if mapped is not None:
+            raise mapped
 
     detail = provider_error_message(response, secret)
     suffix = f": {detail}" if detail else "."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from datetime import datetime
 from typing import Annotated
 
 import structlog
@@ -11,6 +13,7 @@ from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.db.types import utcnow
 from pocketllm.errors import NotAuthenticated, error_responses
+from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.providers import service
 from pocketllm.providers.catalogue import ProviderTarget
 from pocketllm.providers.dependencies import Providers
@@ -32,7 +35,7 @@ from pocketllm.providers.schemas import (
     ProviderUpdateRequest,
 )
 
-router = APIRouter(prefix="/v1/providers", tags=["providers"])
+router = APIRouter(prefix="/v1/providers", tags=["providers"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 _SAVE_ERRORS = (
@@ -66,9 +69,25 @@ async def verify_target(providers: Providers, target: ProviderTarget) -> None:
     except (ProviderAuthFailed, ProviderUrlNotAllowed, ProviderUnreachable):
         raise
     except (ProviderTimeout, ProviderRequestFailed, ProviderRateLimited) as error:
+        reason = error.message if error.message.endswith(".") else error.message + "."
         raise ProviderUnreachable(
-            f'{error.message} Save with "verify": false to store the configuration without checking it.'
+            f'{reason} Save with "verify": false to store the configuration without checking it.'
         ) from error
+
+
+async def check_target(providers: Providers, target: ProviderTarget, *, verify: bool) -> datetime | None:
+    """Check a configuration before it is saved; returns when it was verified with the provider, if it was.
+
+    The outbound guard always checks the base URL's address, so a URL the server would refuse to call
+    (a metadata or, unless allowed, private address) is never stored. With `verify` false a host name that
+    does not resolve right now is accepted, because the guard checks it again on every request.
+    """
+    if verify:
+        await verify_target(providers, target)
+        return utcnow()
+    with contextlib.suppress(ProviderUnreachable):
+        await providers.http.guard.check(target.base_url)
+    return None
 
 
 @router.get("", response_model=list[ProviderConfiguration], responses=error_responses(NotAuthenticated))
@@ -102,10 +121,9 @@ async def activate_provider(
         raise service.ApiKeyRequired(f"Provider '{spec.id}' needs an api_key.")
     target_key = service.decrypt_key(providers.secrets, existing) if keeps_stored_key and existing else api_key
 
-    verified_at = None
-    if payload.verify:
-        await verify_target(providers, ProviderTarget(spec=spec, base_url=target_base_url, api_key=target_key))
-        verified_at = utcnow()
+    verified_at = await check_target(
+        providers, ProviderTarget(spec=spec, base_url=target_base_url, api_key=target_key), verify=payload.verify
+    )
 
     values = {"is_active": True, **service.verification_values(verified_at)}
     if base_url is not None:
@@ -161,11 +179,10 @@ async def update_provider(
     target = ProviderTarget(spec=spec, base_url=service.effective_base_url(spec, base_url), api_key=api_key)
     connection_changed = api_key != config_key or base_url != config.base_url
     if connection_changed and is_active:
-        verified_at = None
-        if payload.verify:
-            await verify_target(providers, target)
-            verified_at = utcnow()
+        verified_at = await check_target(providers, target, verify=payload.verify)
         values.update(service.verification_values(verified_at))
+    elif "base_url" in changed:
+        await check_target(providers, target, verify=False)
 
     async with database.transaction() as session:
         updated = await service.save_config(session, user.user_id, spec, values=values, key=key)

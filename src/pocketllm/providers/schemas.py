@@ -26,6 +26,13 @@ def _strip_key(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
+def _visible_ascii_key(value: str | None) -> str | None:
+    # Keys travel in HTTP headers, which take visible ASCII only; every provider's keys fit that.
+    if value is not None and any(not "!" <= character <= "~" for character in value):
+        raise ValueError("api_key may contain only visible ASCII characters: no spaces, accents or control characters")
+    return value
+
+
 class ProviderConfiguration(BaseModel):
     id: uuid.UUID
     provider: str
@@ -65,6 +72,7 @@ class ProviderActivationRequest(BaseModel):
     verify: bool = Field(default=True, description="Check the key and URL against the provider before saving.")
 
     _strip = field_validator("api_key", mode="before")(_strip_key)
+    _ascii = field_validator("api_key")(_visible_ascii_key)
     _metadata = field_validator("metadata")(_check_metadata_size)
 
 
@@ -86,6 +94,7 @@ class ProviderUpdateRequest(BaseModel):
     verify: bool = True
 
     _strip = field_validator("api_key", mode="before")(_strip_key)
+    _ascii = field_validator("api_key")(_visible_ascii_key)
     _metadata = field_validator("metadata")(_check_metadata_size)
 
 

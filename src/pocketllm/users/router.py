@@ -7,10 +7,11 @@ from fastapi import APIRouter
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import DbSession
 from pocketllm.errors import NotAuthenticated, error_responses
+from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.users import service
 from pocketllm.users.schemas import UserProfile
 
-router = APIRouter(prefix="/v1/users", tags=["users"])
+router = APIRouter(prefix="/v1/users", tags=["users"], route_class=JsonBodyRoute)
 
 
 @router.get(

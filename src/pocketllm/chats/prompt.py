@@ -1,0 +1,80 @@
+"""What is sent to the model: the system prompt, then as much recent history as fits the context window.
+
+Token counts here are estimates (about four characters per token, plus a few tokens of framing per
+message), because tokenizers differ per model and none ships with the server. The estimate errs high for
+English text; a prompt the provider still finds too long comes back as 400 `context_length_exceeded`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pocketllm.providers.chat import ChatMessage
+
+# Used when neither the model configuration nor the catalogue gave a context window: small enough for
+# most local models.
+DEFAULT_CONTEXT_WINDOW = 8192
+DEFAULT_MAX_TOKENS = 2048
+_CHARACTERS_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4
+
+
+def estimate_tokens(text: str) -> int:
+    return -(-len(text) // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_MESSAGE
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    role: str
+    content: str
+
+
+def output_limit(configured: int | None, model_maximum: int | None, context_window: int) -> int:
+    """The `max_tokens` to request: the configured value, else the default, never above the model's maximum
+    and never more than half the context window, so that some history always fits."""
+    limit = configured or DEFAULT_MAX_TOKENS
+    if model_maximum:
+        limit = min(limit, model_maximum)
+    return max(1, min(limit, context_window // 2))
+
+
+def fit_history(
+    history: Sequence[HistoryEntry],
+    *,
+    system_prompt: str | None,
+    new_message: str,
+    context_window: int,
+    max_tokens: int,
+) -> list[ChatMessage]:
+    """Return the newest history entries that fit, oldest first, followed by the new user message.
+
+    The new message is always included, even when it alone exceeds the budget: the provider is the one
+    that knows the exact count.
+    """
+    budget = context_window - max_tokens - estimate_tokens(new_message)
+    if system_prompt:
+        budget -= estimate_tokens(system_prompt)
+
+    kept: list[ChatMessage] = []
+    for entry in reversed(history):
+        if entry.role not in ("user", "assistant", "system") or not entry.content.strip():
+            continue
+        cost = estimate_tokens(entry.content)
+        if cost > budget:
+            break
+        budget -= cost
+        kept.append(ChatMessage(role=entry.role, content=entry.content))  # type: ignore[arg-type]
+    kept.reverse()
+    kept.append(ChatMessage(role="user", content=new_message))
+    return kept
+
+
+def derive_title(content: str, max_length: int = 60) -> str:
+    """A title from the first line of a message, whitespace collapsed and cut at a word boundary."""
+    first_line = next((line for line in content.splitlines() if line.strip()), content)
+    title = " ".join(first_line.split())
+    if len(title) <= max_length:
+        return title
+    cut = title[: max_length - 1].rsplit(" ", 1)[0] or title[: max_length - 1]
+    return cut + "…"

@@ -1,0 +1,298 @@
+"""Reply generation: store the user's message, call the provider with no database connection held, store
+the reply.
+
+Each reply runs in its own task that the request only waits for. A client that disconnects (or a
+streaming client that goes away) cancels the wait, not the task, so a reply that has started is always
+finished and stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from pocketllm.chats import service
+from pocketllm.chats.prompt import DEFAULT_CONTEXT_WINDOW, fit_history, output_limit
+from pocketllm.chats.schemas import Message, MessageCreate
+from pocketllm.db.engine import Database
+from pocketllm.errors import PocketLLMError
+from pocketllm.kit.crypto import SecretBox
+from pocketllm.providers import service as providers_service
+from pocketllm.providers.catalogue import ProviderTarget
+from pocketllm.providers.chat import (
+    ChatParameters,
+    ChatRequest,
+    ChatResult,
+    ContentDelta,
+    StreamEnd,
+    TokenUsage,
+    complete_chat,
+    stream_chat,
+)
+from pocketllm.providers.errors import ProviderRequestFailed
+from pocketllm.providers.guard import ProviderUnreachable
+from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.registry import PROVIDERS
+
+log = structlog.get_logger(__name__)
+
+
+class ReplyFailed(PocketLLMError):
+    status_code = 500
+    code = "internal_error"
+    default_message = "The reply could not be generated because of a server error; the request id is logged."
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedReply:
+    """Everything a reply needs, loaded in one short transaction. Holds the decrypted key: never log it."""
+
+    user_id: uuid.UUID
+    chat_id: uuid.UUID
+    user_message: Message
+    target: ProviderTarget
+    request: ChatRequest
+    model_config_id: uuid.UUID
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """One thing for the outgoing event stream: a text delta, the stored reply, or an error."""
+
+    delta: str | None = None
+    message: Message | None = None
+    error: PocketLLMError | None = None
+
+
+@dataclass(slots=True)
+class _StreamState:
+    text: list[str] = field(default_factory=list)
+
+
+class ReplyGenerator:
+    def __init__(self, database: Database, http: ProviderHttp, secrets: SecretBox) -> None:
+        self._database = database
+        self._http = http
+        self._secrets = secrets
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def store_only(self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate) -> Message:
+        """Store an assistant or system message as it is, without calling a provider."""
+        async with self._database.transaction() as session:
+            message = await service.append_message(
+                session, user_id, chat_id, role=payload.role, content=payload.content, metadata=payload.metadata
+            )
+            return Message.from_row(message)
+
+    async def prepare(self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate) -> PreparedReply:
+        """Check that the chat has a usable model, then store the user's message and build the prompt."""
+        async with self._database.transaction() as session:
+            chat = await service.get_chat(session, user_id, chat_id)
+            model_config, provider_config = await service.resolve_model(session, user_id, chat)
+            spec = PROVIDERS[model_config.provider]
+            target = providers_service.build_target(spec, provider_config, self._secrets)
+
+            message = await service.append_message(
+                session, user_id, chat, role="user", content=payload.content, metadata=payload.metadata
+            )
+            history = await service.recent_history(session, chat.id, before=message.sequence)
+            user_message = Message.from_row(message)
+
+        settings = model_config.settings or {}
+        context_window = model_config.context_window or DEFAULT_CONTEXT_WINDOW
+        max_tokens = output_limit(settings.get("max_tokens"), model_config.max_output_tokens, context_window)
+        system_prompt = settings.get("system_prompt") or None
+        messages = fit_history(
+            history,
+            system_prompt=system_prompt,
+            new_message=payload.content,
+            context_window=context_window,
+            max_tokens=max_tokens,
+        )
+        request = ChatRequest(
+            model=model_config.model,
+            system_prompt=system_prompt,
+            messages=messages,
+            parameters=ChatParameters(
+                max_tokens=max_tokens,
+                temperature=settings.get("temperature"),
+                top_p=settings.get("top_p"),
+                frequency_penalty=settings.get("frequency_penalty"),
+                presence_penalty=settings.get("presence_penalty"),
+            ),
+        )
+        return PreparedReply(
+            user_id=user_id,
+            chat_id=chat_id,
+            user_message=user_message,
+            target=target,
+            request=request,
+            model_config_id=model_config.id,
+        )
+
+    def start(self, prepared: PreparedReply) -> asyncio.Task[Message]:
+        """Generate and store the reply in a task that outlives the request."""
+        return self._track(asyncio.create_task(self._generate(prepared)))
+
+    def start_stream(self, prepared: PreparedReply) -> asyncio.Queue[StreamItem | None]:
+        """Stream the reply into a queue (None marks the end) from a task that outlives the request."""
+        queue: asyncio.Queue[StreamItem | None] = asyncio.Queue()
+        self._track(asyncio.create_task(self._generate_streaming(prepared, queue)))
+        return queue
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for every reply in progress, e.g. before shutting down."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        # Reading the exception marks it as retrieved when the client went away before awaiting it; the
+        # failure itself was already logged and recorded by the task.
+        if not task.cancelled():
+            task.exception()
+
+    async def _generate(self, prepared: PreparedReply) -> Message:
+        started = time.perf_counter()
+        try:
+            result = await complete_chat(self._http, prepared.target, prepared.request)
+        except Exception as error:
+            raise await self._fail(prepared, error) from error
+        return await self._store_reply(prepared, result, latency_ms=_elapsed_ms(started))
+
+    async def _generate_streaming(self, prepared: PreparedReply, queue: asyncio.Queue[StreamItem | None]) -> None:
+        started = time.perf_counter()
+        state = _StreamState()
+        try:
+            end: StreamEnd | None = None
+            # aclosing(): the provider connection is closed even when this loop stops early.
+            async with contextlib.aclosing(stream_chat(self._http, prepared.target, prepared.request)) as items:
+                async for item in items:
+                    if isinstance(item, ContentDelta):
+                        state.text.append(item.text)
+                        queue.put_nowait(StreamItem(delta=item.text))
+                    else:
+                        end = item
+            if end is None:
+                # The client yields exactly one StreamEnd; without it the reply cannot be trusted as whole.
+                end = StreamEnd(finish_reason=None, usage=None, model=None, incomplete=True)
+            result = ChatResult(
+                content="".join(state.text),
+                finish_reason=end.finish_reason,
+                usage=end.usage,
+                model=end.model,
+                incomplete=end.incomplete,
+            )
+            message = await self._store_reply(
+                prepared,
+                result,
+                latency_ms=_elapsed_ms(started),
+                error_code=end.error.code if end.error else None,
+            )
+            queue.put_nowait(StreamItem(message=message))
+        except Exception as error:
+            queue.put_nowait(StreamItem(error=await self._fail(prepared, error)))
+        finally:
+            queue.put_nowait(None)
+
+    async def _store_reply(
+        self, prepared: PreparedReply, result: ChatResult, *, latency_ms: int, error_code: str | None = None
+    ) -> Message:
+        metadata: dict[str, Any] = {
+            "provider": prepared.target.provider,
+            "model": result.model or prepared.request.model,
+            "model_config_id": str(prepared.model_config_id),
+            "finish_reason": result.finish_reason,
+            "usage": _usage_dict(result.usage),
+            "latency_ms": latency_ms,
+            "reply_to": str(prepared.user_message.id),
+        }
+        if result.incomplete:
+            metadata["incomplete"] = True
+        if error_code:
+            metadata["error"] = error_code
+
+        async with self._database.transaction() as session:
+            message = await service.append_message(
+                session,
+                prepared.user_id,
+                prepared.chat_id,
+                role="assistant",
+                content=result.content,
+                status="incomplete" if result.incomplete else "complete",
+                metadata=metadata,
+            )
+            stored = Message.from_row(message)
+        log.info(
+            "chat.reply.stored",
+            chat_id=str(prepared.chat_id),
+            message_id=str(stored.id),
+            provider=prepared.target.provider,
+            latency_ms=latency_ms,
+            incomplete=result.incomplete,
+        )
+        return stored
+
+    async def _fail(self, prepared: PreparedReply, error: Exception) -> PocketLLMError:
+        """Record a failed reply on the user's message and return the error to report."""
+        if isinstance(error, ProviderUnreachable):
+            # At this point the URL was saved and checked before: not resolving now is an outage.
+            failure: PocketLLMError = ProviderRequestFailed(error.message)
+        elif isinstance(error, PocketLLMError):
+            failure = error
+        else:
+            log.exception("chat.reply.crashed", chat_id=str(prepared.chat_id), exc_info=error)
+            failure = ReplyFailed()
+
+        log.info(
+            "chat.reply.failed", chat_id=str(prepared.chat_id), provider=prepared.target.provider, code=failure.code
+        )
+        try:
+            async with self._database.transaction() as session:
+                await service.record_reply_failure(
+                    session, prepared.user_id, prepared.user_message.id, code=failure.code, detail=failure.message
+                )
+        except Exception:
+            log.exception("chat.reply.failure_not_recorded", chat_id=str(prepared.chat_id))
+        return failure
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
+
+
+def _usage_dict(usage: TokenUsage | None) -> dict[str, int | None] | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+async def stream_items(
+    queue: asyncio.Queue[StreamItem | None], heartbeat_seconds: float
+) -> AsyncIterator[StreamItem | None]:
+    """Yield queued items as they come; yield None as a heartbeat when nothing came for a while."""
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout=heartbeat_seconds)
+        except TimeoutError:
+            yield None
+            continue
+        if item is None:
+            return
+        yield item

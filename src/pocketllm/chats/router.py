@@ -1,0 +1,220 @@
+"""/v1/chats: conversations, their messages, and replies from the user's own models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from pocketllm.auth.backends.base import Principal
+from pocketllm.auth.dependencies import CurrentUser
+from pocketllm.chats import service
+from pocketllm.chats.replies import PreparedReply, ReplyGenerator, stream_items
+from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
+from pocketllm.db.dependencies import DbSession
+from pocketllm.errors import NotAuthenticated, PocketLLMError, error_responses
+from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.model_configs.service import ModelConfigNotFound
+from pocketllm.providers.errors import (
+    ContextLengthExceeded,
+    ProviderAuthFailed,
+    ProviderNotConfigured,
+    ProviderRateLimited,
+    ProviderRequestFailed,
+    ProviderTimeout,
+)
+from pocketllm.providers.guard import ProviderUrlNotAllowed
+from pocketllm.providers.service import ProviderKeyUnreadable
+
+router = APIRouter(prefix="/v1/chats", tags=["chats"], route_class=JsonBodyRoute)
+log = structlog.get_logger(__name__)
+
+_REPLY_ERRORS = (
+    NotAuthenticated,
+    service.ChatNotFound,
+    service.ModelNotConfigured,
+    ProviderNotConfigured,
+    ProviderKeyUnreadable,
+    ProviderAuthFailed,
+    ProviderUrlNotAllowed,
+    ContextLengthExceeded,
+    ProviderRateLimited,
+    ProviderRequestFailed,
+    ProviderTimeout,
+)
+_STREAM_DESCRIPTION = (
+    "With `stream: true`: a text/event-stream of `user_message`, `delta`, `assistant_message` and `error` "
+    "events with heartbeat comments (see docs/streaming.md)."
+)
+
+
+def get_replies(request: Request) -> ReplyGenerator:
+    replies: ReplyGenerator = request.app.state.replies
+    return replies
+
+
+@router.get("", response_model=list[ChatSummary], responses=error_responses(NotAuthenticated))
+async def list_chats(
+    user: CurrentUser,
+    session: DbSession,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[ChatSummary]:
+    """List the caller's chats, most recently updated first."""
+    chats = await service.list_chats(session, user.user_id, limit=limit, offset=offset)
+    return [ChatSummary.from_row(chat, chat.last_sequence) for chat in chats]
+
+
+@router.post(
+    "",
+    response_model=ChatSummary,
+    status_code=status.HTTP_200_OK,
+    responses=error_responses(NotAuthenticated, ModelConfigNotFound),
+)
+async def create_chat(user: CurrentUser, session: DbSession, payload: ChatCreate | None = None) -> ChatSummary:
+    """Create a chat; it may exist before the user has any model, which is resolved when a message is sent."""
+    payload = payload or ChatCreate()
+    model_config_id = None
+    if payload.model_config_id:
+        model_config_id = await service.check_model_config(session, user.user_id, payload.model_config_id)
+
+    chat = await service.create_chat(
+        session,
+        user.user_id,
+        title=payload.title,
+        model_config_id=model_config_id,
+        initial_message=payload.initial_message,
+    )
+    log.info("chat.created", user_id=str(user.user_id), chat_id=str(chat.id))
+    return ChatSummary.from_row(chat, chat.last_sequence)
+
+
+@router.get(
+    "/{chat_id}", response_model=ChatWithMessages, responses=error_responses(NotAuthenticated, service.ChatNotFound)
+)
+async def get_chat(chat_id: str, user: CurrentUser, session: DbSession) -> ChatWithMessages:
+    """Return the chat and all its messages in order."""
+    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    messages = await service.list_messages(session, chat.id)
+    return ChatWithMessages(
+        chat=ChatSummary.from_row(chat, chat.last_sequence), messages=[Message.from_row(m) for m in messages]
+    )
+
+
+@router.put(
+    "/{chat_id}",
+    response_model=ChatSummary,
+    responses=error_responses(NotAuthenticated, service.ChatNotFound, ModelConfigNotFound),
+)
+async def update_chat(chat_id: str, payload: ChatUpdate, user: CurrentUser, session: DbSession) -> ChatSummary:
+    """Rename the chat or change its model configuration (`null` falls back to the default model)."""
+    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    changed = payload.model_fields_set
+
+    if "title" in changed and payload.title:
+        chat.title = payload.title
+    if "model_config_id" in changed:
+        chat.model_config_id = (
+            await service.check_model_config(session, user.user_id, payload.model_config_id)
+            if payload.model_config_id
+            else None
+        )
+    await session.flush()
+    return ChatSummary.from_row(chat, chat.last_sequence)
+
+
+@router.delete(
+    "/{chat_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(NotAuthenticated, service.ChatNotFound),
+)
+async def delete_chat(chat_id: str, user: CurrentUser, session: DbSession) -> Response:
+    """Delete the chat and its messages."""
+    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    await session.delete(chat)
+    await session.flush()
+    log.info("chat.deleted", user_id=str(user.user_id), chat_id=str(chat.id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{chat_id}/messages",
+    response_model=list[Message],
+    responses=error_responses(NotAuthenticated, service.ChatNotFound),
+)
+async def list_messages(
+    chat_id: str,
+    user: CurrentUser,
+    session: DbSession,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[Message]:
+    """List the chat's messages in order."""
+    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    return [Message.from_row(m) for m in await service.list_messages(session, chat.id, limit=limit, offset=offset)]
+
+
+@router.post(
+    "/{chat_id}/messages",
+    response_model=Message,
+    responses={
+        **error_responses(*_REPLY_ERRORS),
+        200: {"description": f"The stored reply (or message). {_STREAM_DESCRIPTION}"},
+    },
+)
+async def post_message(chat_id: str, payload: MessageCreate, user: CurrentUser, request: Request) -> Any:
+    """Add a message; a `user` message gets a reply from the chat's model, which is stored and returned."""
+    replies = get_replies(request)
+    parsed_chat_id = service.parse_id(chat_id, service.ChatNotFound)
+    if payload.role != "user":
+        return await replies.store_only(user.user_id, parsed_chat_id, payload)
+
+    prepared = await replies.prepare(user.user_id, parsed_chat_id, payload)
+    if payload.stream:
+        return _streaming_response(request, prepared, user)
+
+    # shield(): a client that disconnects cancels this wait, not the reply, which is still stored.
+    return await asyncio.shield(replies.start(prepared))
+
+
+def _streaming_response(request: Request, prepared: PreparedReply, user: Principal) -> StreamingResponse:
+    replies = get_replies(request)
+    heartbeat_seconds: float = request.app.state.settings.stream_heartbeat_seconds
+    queue = replies.start_stream(prepared)
+
+    async def events() -> AsyncIterator[str]:
+        yield _sse("user_message", prepared.user_message.model_dump(mode="json"))
+        async for item in stream_items(queue, heartbeat_seconds):
+            if item is None:
+                yield ": heartbeat\n\n"
+            elif item.delta is not None:
+                yield _sse("delta", {"content": item.delta})
+            elif item.message is not None:
+                yield _sse("assistant_message", item.message.model_dump(mode="json"))
+            elif item.error is not None:
+                yield _sse("error", _error_payload(item.error))
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        # no-transform and X-Accel-Buffering keep proxies from buffering the stream.
+        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+    )
+
+
+def _error_payload(error: PocketLLMError) -> dict[str, Any]:
+    payload: dict[str, Any] = {"detail": error.message, "code": error.code, "status": error.status_code}
+    retry_after = (error.headers or {}).get("Retry-After")
+    if retry_after:
+        payload["retry_after"] = retry_after
+    return payload
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,595 @@
+"""/v1/chats with replies from the fake provider server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import func, select, update
+
+from pocketllm.db.engine import Database
+from pocketllm.models import ModelConfig, StoredMessage
+from tests.asgi import disconnect_after_chunks, parse_sse
+from tests.fakes.provider import VALID_ANTHROPIC_API_KEY, VALID_API_KEY, FakeProvider
+from tests.helpers import auth_headers, sign_up
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    # The fake provider listens on 127.0.0.1, which the outbound guard blocks by default.
+    return {"allow_private_provider_urls": True, "provider_read_timeout_seconds": 2.0}
+
+
+@pytest.fixture
+async def headers(client: httpx.AsyncClient, unique_email: str) -> dict[str, str]:
+    return auth_headers(await sign_up(client, unique_email))
+
+
+async def setup_openai_model(
+    client: httpx.AsyncClient, headers: dict[str, str], fake: FakeProvider, **settings: Any
+) -> dict[str, Any]:
+    activated = await client.post(
+        "/v1/providers/activate",
+        headers=headers,
+        json={"provider": "openai", "api_key": VALID_API_KEY, "base_url": fake.openai_base_url},
+    )
+    assert activated.status_code == 200, activated.text
+    imported = await client.post(
+        "/v1/models/import",
+        headers=headers,
+        json={"provider": "openai", "models": ["gpt-4o-mini"], "settings": settings or None},
+    )
+    assert imported.status_code == 200, imported.text
+    model: dict[str, Any] = imported.json()[0]
+    return model
+
+
+async def new_chat(client: httpx.AsyncClient, headers: dict[str, str], **payload: Any) -> dict[str, Any]:
+    response = await client.post("/v1/chats", headers=headers, json=payload)
+    assert response.status_code == 200, response.text
+    chat: dict[str, Any] = response.json()
+    return chat
+
+
+async def send(
+    client: httpx.AsyncClient, headers: dict[str, str], chat_id: str, content: str = "Hello!", **extra: Any
+) -> httpx.Response:
+    payload = {"content": content, "role": "user", "stream": False, **extra}
+    return await client.post(f"/v1/chats/{chat_id}/messages", headers=headers, json=payload)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code
+    assert isinstance(body["detail"], str)
+    return body
+
+
+async def messages_of(client: httpx.AsyncClient, headers: dict[str, str], chat_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/v1/chats/{chat_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    messages: list[dict[str, Any]] = response.json()["messages"]
+    return messages
+
+
+class TestChatRoutes:
+    async def test_create_with_empty_body(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        response = await client.post("/v1/chats", headers=headers, json={})
+
+        assert response.status_code == 200
+        chat = response.json()
+        assert isinstance(chat["id"], str)
+        assert chat["title"] == "New chat"
+        assert chat["model_config_id"] is None
+        assert chat["created_at"]
+        assert chat["updated_at"]
+
+    async def test_create_without_body(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        response = await client.post("/v1/chats", headers=headers)
+
+        assert response.status_code == 200, response.text
+
+    async def test_get_returns_chat_and_messages(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        chat = await new_chat(client, headers, title="Plans")
+
+        response = await client.get(f"/v1/chats/{chat['id']}", headers=headers)
+
+        assert response.json() == {"chat": chat, "messages": []}
+
+    async def test_initial_message_names_chat(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        chat = await new_chat(client, headers, initial_message="  How do   tides work?\nAnd why?")
+
+        messages = await messages_of(client, headers, chat["id"])
+
+        assert chat["title"] == "How do tides work?"
+        assert [(m["role"], m["content"]) for m in messages] == [("user", "How do   tides work?\nAnd why?")]
+
+    async def test_model_config_must_be_own(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider)
+        other = auth_headers(await sign_up(client, "other@example.com"))
+
+        mine = await new_chat(client, headers, model_config_id=model["id"])
+        theirs = await client.post("/v1/chats", headers=other, json={"model_config_id": model["id"]})
+        garbage = await client.post("/v1/chats", headers=headers, json={"model_config_id": "nope"})
+
+        assert mine["model_config_id"] == model["id"]
+        assert_error(theirs, 404, "model_not_found")
+        assert_error(garbage, 404, "model_not_found")
+
+    async def test_update_title_and_model(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+
+        renamed = await client.put(f"/v1/chats/{chat['id']}", headers=headers, json={"title": "Renamed"})
+        with_model = await client.put(f"/v1/chats/{chat['id']}", headers=headers, json={"model_config_id": model["id"]})
+        cleared = await client.put(f"/v1/chats/{chat['id']}", headers=headers, json={"model_config_id": None})
+
+        assert renamed.json()["title"] == "Renamed"
+        assert with_model.json()["model_config_id"] == model["id"]
+        assert with_model.json()["title"] == "Renamed"
+        assert cleared.json()["model_config_id"] is None
+
+    async def test_delete_removes_messages(
+        self, client: httpx.AsyncClient, headers: dict[str, str], database: Database
+    ) -> None:
+        chat = await new_chat(client, headers, initial_message="hi")
+
+        response = await client.delete(f"/v1/chats/{chat['id']}", headers=headers)
+
+        assert response.status_code == 204
+        assert_error(await client.get(f"/v1/chats/{chat['id']}", headers=headers), 404, "chat_not_found")
+        async with database.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(StoredMessage)) == 0
+
+    async def test_list_order_and_pages(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        created = [await new_chat(client, headers, title=f"chat {index}") for index in range(5)]
+        # A new message moves the oldest chat to the top.
+        await client.post(
+            f"/v1/chats/{created[0]['id']}/messages", headers=headers, json={"content": "note", "role": "assistant"}
+        )
+
+        everything = (await client.get("/v1/chats", headers=headers)).json()
+        first_page = (await client.get("/v1/chats", headers=headers, params={"limit": 2})).json()
+        second_page = (await client.get("/v1/chats", headers=headers, params={"limit": 2, "offset": 2})).json()
+
+        assert everything[0]["id"] == created[0]["id"]
+        assert len(everything) == 5
+        assert [chat["id"] for chat in first_page + second_page] == [chat["id"] for chat in everything[:4]]
+
+    async def test_messages_list_pages(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        chat = await new_chat(client, headers)
+        for index in range(4):
+            await client.post(
+                f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": f"m{index}", "role": "assistant"}
+            )
+
+        page = (
+            await client.get(f"/v1/chats/{chat['id']}/messages", headers=headers, params={"limit": 2, "offset": 1})
+        ).json()
+
+        assert [message["content"] for message in page] == ["m1", "m2"]
+
+    @pytest.mark.parametrize("chat_id", ["not-a-uuid", str(uuid.UUID(int=0))])
+    async def test_unknown_chat_is_404(self, client: httpx.AsyncClient, headers: dict[str, str], chat_id: str) -> None:
+        assert_error(await client.get(f"/v1/chats/{chat_id}", headers=headers), 404, "chat_not_found")
+        assert_error(
+            await client.put(f"/v1/chats/{chat_id}", headers=headers, json={"title": "x"}), 404, "chat_not_found"
+        )
+        assert_error(await client.delete(f"/v1/chats/{chat_id}", headers=headers), 404, "chat_not_found")
+        assert_error(await send(client, headers, chat_id), 404, "chat_not_found")
+
+    @pytest.mark.parametrize(
+        "payload",
+        [{"content": ""}, {"content": "   "}, {"content": "hi", "role": "tool"}, {"role": "user"}, {"content": 5}],
+    )
+    async def test_bad_message_is_422(
+        self, client: httpx.AsyncClient, headers: dict[str, str], payload: dict[str, Any]
+    ) -> None:
+        chat = await new_chat(client, headers)
+
+        response = await client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json=payload)
+
+        assert response.status_code == 422
+        assert response.json()["code"] == "validation_error"
+        assert await messages_of(client, headers, chat["id"]) == []
+
+
+class TestReplies:
+    async def test_reply_is_stored_and_returned(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.reply_text = "Hi there, human."
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"], "Hello!")
+
+        assert response.status_code == 200, response.text
+        reply = response.json()
+        assert reply["role"] == "assistant"
+        assert reply["content"] == "Hi there, human."
+        assert reply["status"] == "complete"
+        metadata = reply["metadata"]
+        assert metadata["provider"] == "openai"
+        assert metadata["model"] == "gpt-4o-mini"
+        assert metadata["finish_reason"] == "stop"
+        assert metadata["usage"]["completion_tokens"] == 3
+        assert isinstance(metadata["latency_ms"], int)
+        messages = await messages_of(client, headers, chat["id"])
+        assert [(m["role"], m["content"]) for m in messages] == [("user", "Hello!"), ("assistant", "Hi there, human.")]
+        assert [m["sequence"] for m in messages] == [1, 2]
+        chats = (await client.get("/v1/chats", headers=headers)).json()
+        assert chats[0]["title"] == "Hello!"
+
+    async def test_sends_system_prompt_history_and_settings(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(
+            client, headers, fake_provider, system_prompt="Be brief.", temperature=0.3, max_tokens=256
+        )
+        chat = await new_chat(client, headers)
+        fake_provider.queue_replies("First answer")
+        await send(client, headers, chat["id"], "First question")
+
+        await send(client, headers, chat["id"], "Second question")
+
+        body = fake_provider.last_request("/chat/completions").body
+        assert body["model"] == "gpt-4o-mini"
+        assert body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "First question"},
+            {"role": "assistant", "content": "First answer"},
+            {"role": "user", "content": "Second question"},
+        ]
+        assert body["temperature"] == 0.3
+        assert body["max_completion_tokens"] == 256
+        assert "stream" not in body or body["stream"] is False
+
+    async def test_history_is_cut_to_context_window(
+        self,
+        client: httpx.AsyncClient,
+        headers: dict[str, str],
+        fake_provider: FakeProvider,
+        database: Database,
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider, max_tokens=100)
+        async with database.transaction() as session:
+            await session.execute(
+                update(ModelConfig).where(ModelConfig.id == uuid.UUID(model["id"])).values(context_window=400)
+            )
+        chat = await new_chat(client, headers)
+        for index in range(6):
+            await client.post(
+                f"/v1/chats/{chat['id']}/messages",
+                headers=headers,
+                json={"content": f"old message {index} " + "word " * 40, "role": "assistant"},
+            )
+
+        await send(client, headers, chat["id"], "newest question")
+
+        sent = fake_provider.last_request("/chat/completions").body["messages"]
+        assert sent[-1] == {"role": "user", "content": "newest question"}
+        assert 1 <= len(sent) - 1 < 6
+        assert sent[-2]["content"].startswith("old message 5")
+
+    async def test_anthropic_reply(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await client.post(
+            "/v1/providers/activate",
+            headers=headers,
+            json={
+                "provider": "anthropic",
+                "api_key": VALID_ANTHROPIC_API_KEY,
+                "base_url": fake_provider.anthropic_base_url,
+            },
+        )
+        await client.post(
+            "/v1/models/import",
+            headers=headers,
+            json={
+                "provider": "anthropic",
+                "models": ["claude-3-5-haiku-20241022"],
+                "settings": {"system_prompt": "Be kind."},
+            },
+        )
+        fake_provider.reply_text = "Bonjour"
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"], "Salut")
+
+        assert response.status_code == 200, response.text
+        assert response.json()["content"] == "Bonjour"
+        assert response.json()["metadata"]["finish_reason"] == "end_turn"
+        body = fake_provider.last_request("/v1/messages").body
+        assert body["system"] == "Be kind."
+        assert body["messages"] == [{"role": "user", "content": "Salut"}]
+        assert body["max_tokens"] > 0
+
+    async def test_without_model_is_400_and_stores_nothing(
+        self, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"])
+
+        assert_error(response, 400, "model_not_configured")
+        assert await messages_of(client, headers, chat["id"]) == []
+
+    async def test_inactive_provider_is_400(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        await client.delete("/v1/providers/openai", headers=headers)
+        chat = await new_chat(client, headers)
+
+        assert_error(await send(client, headers, chat["id"]), 400, "provider_not_configured")
+
+    async def test_deleted_model_falls_back_to_default(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers, model_config_id=model["id"])
+        await client.delete(f"/v1/models/{model['id']}", headers=headers)
+
+        chat_after = (await client.get(f"/v1/chats/{chat['id']}", headers=headers)).json()["chat"]
+        response = await send(client, headers, chat["id"])
+
+        assert chat_after["model_config_id"] is None
+        assert_error(response, 400, "model_not_configured")
+
+    @pytest.mark.parametrize("role", ["assistant", "system"])
+    async def test_non_user_messages_are_only_stored(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, role: str
+    ) -> None:
+        chat = await new_chat(client, headers)
+
+        response = await client.post(
+            f"/v1/chats/{chat['id']}/messages",
+            headers=headers,
+            json={"content": "from the device", "role": role, "metadata": {"on_device": True}},
+        )
+
+        assert response.status_code == 200
+        assert response.json()["role"] == role
+        assert response.json()["metadata"] == {"on_device": True}
+        assert fake_provider.requests == []
+
+    async def test_concurrent_posts_keep_every_message(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+
+        responses = await asyncio.gather(*(send(client, headers, chat["id"], f"question {i}") for i in range(5)))
+
+        assert [response.status_code for response in responses] == [200] * 5
+        messages = await messages_of(client, headers, chat["id"])
+        assert [m["sequence"] for m in messages] == list(range(1, 11))
+        assert sorted(m["content"] for m in messages if m["role"] == "user") == [f"question {i}" for i in range(5)]
+        assert sum(m["role"] == "assistant" for m in messages) == 5
+        again = await messages_of(client, headers, chat["id"])
+        assert [m["id"] for m in again] == [m["id"] for m in messages]
+
+    async def test_disconnect_keeps_reply(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", delay_seconds=1)
+
+        request = asyncio.create_task(send(client, headers, chat["id"], "are you there?"))
+        await asyncio.to_thread(fake_provider.wait_for_requests, "/chat/completions", count=1, timeout=10)
+        request.cancel()
+        await app.state.replies.drain(timeout=10)
+
+        messages = await messages_of(client, headers, chat["id"])
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[1]["content"] == fake_provider.reply_text
+
+
+class TestProviderFailures:
+    @pytest.mark.parametrize(
+        ("failure", "status", "code"),
+        [
+            ({"status": 401}, 400, "provider_auth_failed"),
+            ({"status": 429, "retry_after": 7}, 429, "provider_rate_limited"),
+            ({"status": 400, "error_code": "context_length_exceeded"}, 400, "context_length_exceeded"),
+            ({"status": 500}, 502, "provider_unavailable"),
+            ({"status": 503}, 502, "provider_unavailable"),
+            ({"malformed_json": True}, 502, "provider_unavailable"),
+            ({"delay_seconds": 5}, 504, "provider_timeout"),
+        ],
+    )
+    async def test_failure_is_mapped_and_recorded(
+        self,
+        client: httpx.AsyncClient,
+        headers: dict[str, str],
+        fake_provider: FakeProvider,
+        failure: dict[str, Any],
+        status: int,
+        code: str,
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", **failure)
+
+        response = await send(client, headers, chat["id"], "please answer")
+
+        body = assert_error(response, status, code)
+        assert VALID_API_KEY not in response.text
+        if code == "provider_rate_limited":
+            assert response.headers["retry-after"] == "7"
+        messages = await messages_of(client, headers, chat["id"])
+        assert [m["role"] for m in messages] == ["user"]
+        assert messages[0]["metadata"]["reply_error"]["code"] == code
+        assert body["detail"]
+        retried = await send(client, headers, chat["id"], "please answer")
+        assert retried.status_code == 200, retried.text
+
+    async def test_connection_refused_is_502(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        await client.patch(
+            "/v1/providers/openai", headers=headers, json={"base_url": "http://127.0.0.1:1/v1", "verify": False}
+        )
+        chat = await new_chat(client, headers)
+
+        assert_error(await send(client, headers, chat["id"]), 502, "provider_unavailable")
+
+    async def test_error_text_never_echoes_key(
+        self,
+        client: httpx.AsyncClient,
+        headers: dict[str, str],
+        fake_provider: FakeProvider,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", status=500, message=f"bad key {VALID_API_KEY} used")
+
+        response = await send(client, headers, chat["id"])
+
+        assert response.status_code == 502
+        assert VALID_API_KEY not in response.text
+        assert VALID_API_KEY not in caplog.text
+
+
+class TestStreaming:
+    async def test_event_sequence(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.stream_chunks = ["Hel", "lo ", "world"]
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"], "stream please", stream=True)
+
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(response.text)
+        names = [name for name, _ in events if name != "comment"]
+        assert names[0] == "user_message"
+        assert names[-1] == "assistant_message"
+        assert set(names[1:-1]) == {"delta"}
+        assert "".join(data["content"] for name, data in events if name == "delta") == "Hello world"
+        user_message = events[0][1]
+        final = events[-1][1]
+        assert user_message["content"] == "stream please"
+        assert final["content"] == "Hello world"
+        assert final["status"] == "complete"
+        stored = await messages_of(client, headers, chat["id"])
+        assert [m["id"] for m in stored] == [user_message["id"], final["id"]]
+        assert fake_provider.last_request("/chat/completions").body["stream"] is True
+
+    async def test_provider_error_is_error_event(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", status=429, retry_after=3)
+
+        response = await send(client, headers, chat["id"], stream=True)
+
+        events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+        assert [name for name, _ in events] == ["user_message", "error"]
+        assert events[1][1]["code"] == "provider_rate_limited"
+        assert events[1][1]["retry_after"] == "3"
+        stored = await messages_of(client, headers, chat["id"])
+        assert stored[0]["metadata"]["reply_error"]["code"] == "provider_rate_limited"
+
+    @pytest.mark.parametrize("failure", [{"break_stream_after": 2}, {"stream_error_after": 2}])
+    async def test_broken_stream_keeps_text(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, failure: dict[str, Any]
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.stream_chunks = ["one ", "two ", "three ", "four"]
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", **failure)
+
+        response = await send(client, headers, chat["id"], stream=True)
+
+        final = next(data for name, data in parse_sse(response.text) if name == "assistant_message")
+        assert final["content"] == "one two "
+        assert final["status"] == "incomplete"
+        assert final["metadata"]["incomplete"] is True
+        stored = await messages_of(client, headers, chat["id"])
+        assert stored[1]["status"] == "incomplete"
+
+    @pytest.mark.parametrize(
+        "settings_overrides",
+        [{"allow_private_provider_urls": True, "provider_read_timeout_seconds": 5.0, "stream_heartbeat_seconds": 0.1}],
+    )
+    async def test_quiet_stream_sends_heartbeats(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", stall_stream_after=1, delay_seconds=0.6)
+
+        response = await send(client, headers, chat["id"], stream=True)
+
+        events = parse_sse(response.text)
+        assert ("comment", "heartbeat") in events
+        assert events[-1][0] == "assistant_message"
+
+    async def test_disconnect_mid_stream_keeps_reply(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.stream_chunks = ["a", "b", "c", "d"]
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", stall_stream_after=1, delay_seconds=0.5)
+
+        received = await disconnect_after_chunks(
+            app,
+            f"/v1/chats/{chat['id']}/messages",
+            headers=headers,
+            payload={"content": "long one", "role": "user", "stream": True},
+            chunks=2,
+        )
+        await app.state.replies.drain(timeout=10)
+
+        assert len(received) == 2
+        stored = await messages_of(client, headers, chat["id"])
+        assert [(m["role"], m["content"], m["status"]) for m in stored] == [
+            ("user", "long one", "complete"),
+            ("assistant", "abcd", "complete"),
+        ]
+
+
+async def test_other_users_get_404(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+) -> None:
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers, initial_message="private")
+    other = auth_headers(await sign_up(client, "snoop@example.com"))
+    path = f"/v1/chats/{chat['id']}"
+
+    assert (await client.get("/v1/chats", headers=other)).json() == []
+    assert_error(await client.get(path, headers=other), 404, "chat_not_found")
+    assert_error(await client.get(f"{path}/messages", headers=other), 404, "chat_not_found")
+    assert_error(await client.put(path, headers=other, json={"title": "mine now"}), 404, "chat_not_found")
+    assert_error(await send(client, other, chat["id"]), 404, "chat_not_found")
+    assert_error(await client.delete(path, headers=other), 404, "chat_not_found")
+    assert len(await messages_of(client, headers, chat["id"])) == 1
+    assert fake_provider.requests_to("/chat/completions") == []
+
+
+async def test_requires_authentication(client: httpx.AsyncClient) -> None:
+    for method, path in [("GET", "/v1/chats"), ("POST", "/v1/chats"), ("GET", f"/v1/chats/{uuid.uuid4()}")]:
+        response = await client.request(method, path)
+        assert response.status_code == 401
+        assert response.json()["code"] == "not_authenticated"
