@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -15,7 +17,7 @@ from pocketllm import __version__
 from pocketllm.auth.backends.base import AuthBackend
 from pocketllm.auth.passwords import PasswordHashing
 from pocketllm.auth.router import router as auth_router
-from pocketllm.chats.replies import ReplyGenerator
+from pocketllm.chats.replies import SHUTDOWN_REPLY_WAIT_SECONDS, ReplyGenerator
 from pocketllm.chats.router import router as chats_router
 from pocketllm.config import AuthBackend as AuthBackendName
 from pocketllm.config import Settings, load_settings, resolve_settings
@@ -27,12 +29,15 @@ from pocketllm.kit.cache import build_cache
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
 from pocketllm.kit.request_id import RequestIdMiddleware
+from pocketllm.mail import MailSender
 from pocketllm.model_configs.router import router as model_configs_router
 from pocketllm.providers.catalogue import Catalogue
 from pocketllm.providers.dependencies import ProviderRuntime
 from pocketllm.providers.guard import OutboundGuard
 from pocketllm.providers.http import ProviderHttp
 from pocketllm.providers.router import router as providers_router
+from pocketllm.storage.router import router as files_router
+from pocketllm.storage.service import build_storage
 from pocketllm.users.router import router as users_router
 
 log = structlog.get_logger(__name__)
@@ -106,6 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.auth_backend = build_auth_backend(settings, database)
         app.state.providers = build_provider_runtime(settings)
         app.state.replies = ReplyGenerator(database, app.state.providers.http, app.state.providers.secrets)
+        # Safe in every process at once: senders claim each message for one of them only.
+        app.state.mail_sender = MailSender(database, settings)
+        mail_stop = asyncio.Event()
+        mail_task = asyncio.create_task(app.state.mail_sender.run(mail_stop), name="mail-sender")
         log.info(
             "app.started",
             version=__version__,
@@ -116,7 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.replies.drain(timeout=settings.shutdown_grace_seconds)
+            # `pocketllm serve` has uvicorn wait SHUTDOWN_GRACE_SECONDS for open requests before this runs.
+            await app.state.replies.shutdown(timeout=SHUTDOWN_REPLY_WAIT_SECONDS)
+            mail_stop.set()
+            # On timeout wait_for cancels the sender; the message it was sending is retried after its lease.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(mail_task, timeout=settings.smtp_timeout_seconds + 5)
             await app.state.auth_backend.close()
             await app.state.providers.close()
             await database.dispose()
@@ -131,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.settings = settings
+    # Built here rather than in the lifespan, so that a bad STORAGE_URL fails at once.
+    app.state.storage = build_storage(settings)
 
     register_error_handlers(app)
     if settings.cors_origins:
@@ -149,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers_router)
     app.include_router(model_configs_router)
     app.include_router(chats_router)
+    app.include_router(files_router)
     return app
 
 

@@ -71,6 +71,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     approve.add_argument("email", help="the applicant's e-mail address")
 
+    users = commands.add_parser("users", help="account maintenance")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    user_commands.add_parser(
+        "purge-deleted",
+        help="permanently delete every account whose scheduled deletion date has passed, with its files",
+    )
+
     keys = commands.add_parser("keys", help="encryption key tools")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     key_commands.add_parser("generate", help="print a new random key for ENCRYPTION_KEY")
@@ -117,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_in_transaction(settings, lambda session: _approve(session, arguments.email))
         if arguments.command == "keys":
             return _run_in_transaction(settings, lambda session: _rotate_keys(session, settings))
+        if arguments.command == "users":
+            return asyncio.run(_purge_deleted(settings))
     except InvalidInput as error:
         print(f"pocketllm: {error.message}", file=sys.stderr)
         return 2
@@ -152,6 +161,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
         log_config=None,
         proxy_headers=False,
         server_header=False,
+        # Open requests, replies among them, get this long to finish after SIGTERM; then they are cancelled.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     return 0
 
@@ -233,6 +244,20 @@ async def _approve(session: AsyncSession, raw_email: str) -> int:
     _, created = await referrals.approve_application(session, email)
     action = "created an approved application for" if created else "approved the application of"
     print(f"{action} {email}; this address can now sign up without an invite code")
+    return 0
+
+
+async def _purge_deleted(settings: Settings) -> int:
+    from pocketllm.storage.service import build_storage
+    from pocketllm.users.service import purge_deleted_accounts
+
+    database = Database(create_engine(settings.effective_database_url))
+    try:
+        await upgrade_database(database.engine)
+        purged = await purge_deleted_accounts(database, build_storage(settings))
+    finally:
+        await database.dispose()
+    print(f"purged {purged} account(s) whose deletion date has passed")
     return 0
 
 

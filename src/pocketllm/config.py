@@ -108,6 +108,34 @@ class Settings(BaseSettings):
     catalogue_timeout_seconds: float = Field(default=15.0, gt=0, le=120)
     catalogue_cache_ttl_seconds: int = Field(default=300, ge=0, le=86_400)
     redis_url: str | None = None
+    # Outgoing mail (referral invites). Without SMTP_URL each message's recipient and subject are logged
+    # instead. Form: smtp://user:password@host:port?starttls=true, or smtps://... for TLS from the start;
+    # '@', ':' and '/' in the user name or password must be percent-encoded.
+    smtp_url: str | None = Field(default=None, repr=False)
+    mail_from: str = "PocketLLM <no-reply@localhost>"
+    # A failed send is retried after MAIL_RETRY_BASE_SECONDS, doubling each time up to one hour; after
+    # MAIL_MAX_ATTEMPTS attempts the message is marked failed. The defaults cover about five hours.
+    mail_max_attempts: int = Field(default=12, ge=1, le=100)
+    mail_retry_base_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Limit for one whole delivery: connect, TLS, login and the message.
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+
+    # Absolute URLs in responses (avatars, files) start with this; unset, the request's own base URL is used.
+    public_base_url: str | None = None
+    # Unset: files are stored under DATA_DIR/files. s3://bucket[/prefix]: an S3-compatible bucket, which
+    # needs both STORAGE_S3_* keys.
+    storage_url: str | None = None
+    storage_s3_endpoint: str | None = None
+    storage_s3_region: str = "us-east-1"
+    storage_s3_access_key_id: str | None = Field(default=None, repr=False)
+    storage_s3_secret_access_key: str | None = Field(default=None, repr=False)
+    signed_url_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86_400)
+    avatar_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    # Decoded size limit, checked before decoding, against images that unpack to gigabytes.
+    avatar_max_pixels: int = Field(default=40_000_000, ge=10_000, le=500_000_000)
+    avatar_max_side: int = Field(default=512, ge=32, le=4096)
+    account_deletion_grace_days: int = Field(default=30, ge=0, le=365)
+
     # A comment line is sent on a quiet reply stream this often, so proxies do not close it as idle.
     stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
     # On shutdown, replies still being generated get this long to finish and be stored.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -506,7 +507,7 @@ class TestStreaming:
         events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
         assert [name for name, _ in events] == ["user_message", "error"]
         assert events[1][1]["code"] == "provider_rate_limited"
-        assert events[1][1]["retry_after"] == "3"
+        assert events[1][1]["retry_after"] == 3
         stored = await messages_of(client, headers, chat["id"])
         assert stored[0]["metadata"]["reply_error"]["code"] == "provider_rate_limited"
 
@@ -593,3 +594,98 @@ async def test_requires_authentication(client: httpx.AsyncClient) -> None:
         response = await client.request(method, path)
         assert response.status_code == 401
         assert response.json()["code"] == "not_authenticated"
+
+
+# 40 levels: past the 32 that request bodies may nest.
+DEEP_NESTING: Any = 1
+for _ in range(40):
+    DEEP_NESTING = [DEEP_NESTING]
+
+
+class TestHardening:
+    async def test_unstorable_reply_text_is_cleaned(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.reply_text = "half \x00end"
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"])
+
+        assert response.status_code == 200, response.text
+        assert "\x00" not in response.json()["content"]
+        assert response.json()["content"] == "half end"
+        assert len(await messages_of(client, headers, chat["id"])) == 2
+
+    async def test_failed_turn_is_not_repeated_in_prompt(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", status=500)
+        await send(client, headers, chat["id"], "please answer")
+
+        await send(client, headers, chat["id"], "please answer")
+
+        sent = fake_provider.last_request("/chat/completions").body["messages"]
+        assert sent == [{"role": "user", "content": "please answer"}]
+
+    async def test_clients_cannot_forge_server_metadata(
+        self, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        chat = await new_chat(client, headers)
+
+        response = await client.post(
+            f"/v1/chats/{chat['id']}/messages",
+            headers=headers,
+            json={"content": "x", "role": "assistant", "metadata": {"reply_error": {"code": "fake"}, "mine": 1}},
+        )
+
+        assert response.json()["metadata"] == {"mine": 1}
+
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            b'{"content": "hi", "metadata": {"x": "\\ud800"}}',
+            {"content": "hi", "metadata": {"x": DEEP_NESTING}},
+        ],
+    )
+    async def test_unstorable_input_is_422(
+        self, client: httpx.AsyncClient, headers: dict[str, str], payload: dict[str, Any] | bytes
+    ) -> None:
+        chat = await new_chat(client, headers)
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+
+        response = await client.post(
+            f"/v1/chats/{chat['id']}/messages",
+            headers={**headers, "Content-Type": "application/json"},
+            content=body,
+        )
+
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == "validation_error"
+        assert (await client.get(f"/v1/chats/{chat['id']}", headers=headers)).status_code == 200
+
+    async def test_huge_offset_is_422(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        chat = await new_chat(client, headers)
+
+        for path in ("/v1/chats", f"/v1/chats/{chat['id']}/messages"):
+            response = await client.get(path, headers=headers, params={"offset": 2**63})
+            assert response.status_code == 422
+
+    async def test_shutdown_records_interrupted_reply(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.fail_next("/chat/completions", delay_seconds=5)
+
+        request = asyncio.create_task(send(client, headers, chat["id"], "slow one"))
+        await asyncio.to_thread(fake_provider.wait_for_requests, "/chat/completions", count=1, timeout=10)
+        await app.state.replies.shutdown(timeout=0.1)
+        response = await request
+
+        assert_error(response, 503, "reply_interrupted")
+        messages = await messages_of(client, headers, chat["id"])
+        assert [m["role"] for m in messages] == ["user"]
+        assert messages[0]["metadata"]["reply_error"]["code"] == "reply_interrupted"

@@ -50,6 +50,28 @@ class ReplyFailed(PocketLLMError):
     default_message = "The reply could not be generated because of a server error; the request id is logged."
 
 
+class ReplyInterrupted(PocketLLMError):
+    status_code = 503
+    code = "reply_interrupted"
+    default_message = "The server stopped before the reply was finished; send the message again."
+
+
+# Extra wait at shutdown for replies still running once the server stopped taking requests.
+SHUTDOWN_REPLY_WAIT_SECONDS = 5.0
+
+
+def storable_text(text: str) -> str:
+    """Drop NUL characters and replace unpaired surrogates: providers can send both, and neither can be
+    stored (PostgreSQL rejects U+0000, and no driver encodes a lone surrogate)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedReply:
     """Everything a reply needs, loaded in one short transaction. Holds the decrypted key: never log it."""
@@ -148,9 +170,18 @@ class ReplyGenerator:
         return queue
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait for every reply in progress, e.g. before shutting down."""
+        """Wait for every reply in progress, at most `timeout` seconds."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Wait for replies in progress, then stop the rest; each stopped reply records `reply_interrupted`."""
+        await self.drain(timeout)
+        remaining = set(self._tasks)
+        for task in remaining:
+            task.cancel()
+        if remaining:
+            await asyncio.wait(remaining, timeout=SHUTDOWN_REPLY_WAIT_SECONDS)
 
     def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self._tasks.add(task)
@@ -168,9 +199,12 @@ class ReplyGenerator:
         started = time.perf_counter()
         try:
             result = await complete_chat(self._http, prepared.target, prepared.request)
+            return await self._store_reply(prepared, result, latency_ms=_elapsed_ms(started))
+        except asyncio.CancelledError:
+            await self._fail(prepared, ReplyInterrupted())
+            raise
         except Exception as error:
             raise await self._fail(prepared, error) from error
-        return await self._store_reply(prepared, result, latency_ms=_elapsed_ms(started))
 
     async def _generate_streaming(self, prepared: PreparedReply, queue: asyncio.Queue[StreamItem | None]) -> None:
         started = time.perf_counter()
@@ -202,6 +236,9 @@ class ReplyGenerator:
                 error_code=end.error.code if end.error else None,
             )
             queue.put_nowait(StreamItem(message=message))
+        except asyncio.CancelledError:
+            queue.put_nowait(StreamItem(error=await self._fail(prepared, ReplyInterrupted())))
+            raise
         except Exception as error:
             queue.put_nowait(StreamItem(error=await self._fail(prepared, error)))
         finally:
@@ -212,9 +249,9 @@ class ReplyGenerator:
     ) -> Message:
         metadata: dict[str, Any] = {
             "provider": prepared.target.provider,
-            "model": result.model or prepared.request.model,
+            "model": storable_text(result.model or prepared.request.model),
             "model_config_id": str(prepared.model_config_id),
-            "finish_reason": result.finish_reason,
+            "finish_reason": storable_text(result.finish_reason) if result.finish_reason else None,
             "usage": _usage_dict(result.usage),
             "latency_ms": latency_ms,
             "reply_to": str(prepared.user_message.id),
@@ -230,7 +267,7 @@ class ReplyGenerator:
                 prepared.user_id,
                 prepared.chat_id,
                 role="assistant",
-                content=result.content,
+                content=storable_text(result.content),
                 status="incomplete" if result.incomplete else "complete",
                 metadata=metadata,
             )
@@ -262,7 +299,11 @@ class ReplyGenerator:
         try:
             async with self._database.transaction() as session:
                 await service.record_reply_failure(
-                    session, prepared.user_id, prepared.user_message.id, code=failure.code, detail=failure.message
+                    session,
+                    prepared.user_id,
+                    prepared.user_message.id,
+                    code=failure.code,
+                    detail=storable_text(failure.message),
                 )
         except Exception:
             log.exception("chat.reply.failure_not_recorded", chat_id=str(prepared.chat_id))

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pocketllm.auth.backends.base import Principal
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.chats import service
-from pocketllm.chats.replies import PreparedReply, ReplyGenerator, stream_items
+from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
 from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
 from pocketllm.db.dependencies import DbSession
 from pocketllm.errors import NotAuthenticated, PocketLLMError, error_responses
@@ -31,6 +31,9 @@ from pocketllm.providers.errors import (
 from pocketllm.providers.guard import ProviderUrlNotAllowed
 from pocketllm.providers.service import ProviderKeyUnreadable
 
+# Far beyond any real list; larger values would overflow the databases' 64-bit integers.
+MAX_OFFSET = 1_000_000_000
+
 router = APIRouter(prefix="/v1/chats", tags=["chats"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
@@ -46,6 +49,7 @@ _REPLY_ERRORS = (
     ProviderRateLimited,
     ProviderRequestFailed,
     ProviderTimeout,
+    ReplyInterrupted,
 )
 _STREAM_DESCRIPTION = (
     "With `stream: true`: a text/event-stream of `user_message`, `delta`, `assistant_message` and `error` "
@@ -63,7 +67,7 @@ async def list_chats(
     user: CurrentUser,
     session: DbSession,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ChatSummary]:
     """List the caller's chats, most recently updated first."""
     chats = await service.list_chats(session, user.user_id, limit=limit, offset=offset)
@@ -153,7 +157,7 @@ async def list_messages(
     user: CurrentUser,
     session: DbSession,
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[Message]:
     """List the chat's messages in order."""
     chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
@@ -180,7 +184,15 @@ async def post_message(chat_id: str, payload: MessageCreate, user: CurrentUser, 
         return _streaming_response(request, prepared, user)
 
     # shield(): a client that disconnects cancels this wait, not the reply, which is still stored.
-    return await asyncio.shield(replies.start(prepared))
+    task = replies.start(prepared)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and not (current and current.cancelling()):
+            # The reply itself was stopped (server shutdown), not this request.
+            raise ReplyInterrupted() from None
+        raise
 
 
 def _streaming_response(request: Request, prepared: PreparedReply, user: Principal) -> StreamingResponse:
@@ -210,9 +222,9 @@ def _streaming_response(request: Request, prepared: PreparedReply, user: Princip
 
 def _error_payload(error: PocketLLMError) -> dict[str, Any]:
     payload: dict[str, Any] = {"detail": error.message, "code": error.code, "status": error.status_code}
-    retry_after = (error.headers or {}).get("Retry-After")
-    if retry_after:
-        payload["retry_after"] = retry_after
+    retry_after = (error.headers or {}).get("Retry-After", "")
+    if retry_after.isdigit():
+        payload["retry_after"] = int(retry_after)
     return payload
 
 

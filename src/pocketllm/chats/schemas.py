@@ -13,6 +13,7 @@ from pocketllm.models import Chat, StoredMessage
 
 MAX_MESSAGE_LENGTH = 100_000
 MAX_METADATA_BYTES = 16_384
+SERVER_METADATA_KEYS = frozenset({"reply_error", "incomplete", "error", "reply_to"})
 DEFAULT_TITLE = "New chat"
 
 
@@ -112,4 +113,5 @@ class MessageCreate(BaseModel):
     def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
-        return value
+        # These keys are the server's record of a reply; a client must not be able to forge them.
+        return {key: item for key, item in value.items() if key not in SERVER_METADATA_KEYS} if value else value

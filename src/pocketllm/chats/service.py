@@ -149,14 +149,22 @@ async def list_messages(
 
 
 async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: int) -> list[HistoryEntry]:
-    """The messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them."""
+    """The messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them.
+
+    User messages whose reply failed are left out: the user usually sends them again, and the model
+    should not see the same question twice in a row.
+    """
     rows = await session.execute(
-        select(StoredMessage.role, StoredMessage.content)
+        select(StoredMessage.role, StoredMessage.content, StoredMessage.extra_metadata)
         .where(StoredMessage.chat_id == chat_id, StoredMessage.sequence < before)
         .order_by(StoredMessage.sequence.desc())
         .limit(HISTORY_LIMIT)
     )
-    return [HistoryEntry(role=role, content=content) for role, content in reversed(rows.all())]
+    return [
+        HistoryEntry(role=role, content=content)
+        for role, content, metadata in reversed(rows.all())
+        if not (role == "user" and metadata and "reply_error" in metadata)
+    ]
 
 
 async def resolve_model(session: AsyncSession, user_id: uuid.UUID, chat: Chat) -> tuple[ModelConfig, ProviderConfig]:

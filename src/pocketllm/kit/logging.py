@@ -49,3 +49,5 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Alembic reports each migration step at INFO; the CLI prints the resulting revision itself.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ from pocketllm.errors import PocketLLMError
 
 # Chat messages are the largest JSON bodies (100,000 characters, up to four bytes each in UTF-8).
 MAX_JSON_BODY_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 32
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -24,10 +25,12 @@ class PayloadTooLarge(PocketLLMError):
 
 
 class JsonBodyRoute(APIRoute):
-    """Rejects JSON bodies over MAX_JSON_BODY_BYTES (413) and strings containing NUL characters (422).
+    """Rejects JSON bodies over MAX_JSON_BODY_BYTES (413), and with 422: strings containing NUL characters
+    or unpaired surrogates, and nesting deeper than MAX_JSON_DEPTH.
 
-    PostgreSQL cannot store U+0000 in text or JSON columns, so a NUL would otherwise fail deep inside a
-    transaction as a server error; rejecting it up front gives every route the same clear answer.
+    PostgreSQL cannot store U+0000, neither database driver can encode an unpaired surrogate, and very
+    deep nesting cannot be serialised back into a response. Stored, any of them would turn later reads
+    into server errors; rejecting them up front gives every route the same clear answer.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -50,39 +53,49 @@ async def _check_json_body(request: Request) -> None:
     if len(body) > MAX_JSON_BODY_BYTES:
         raise PayloadTooLarge()
 
-    # Cheap test first: a NUL can only be in the body as a raw byte or as the escape \u0000.
-    if b"\\u0000" not in body and b"\x00" not in body:
+    # Cheap tests first, so that ordinary bodies are not parsed twice.
+    suspicious = b"\\u0000" in body or b"\x00" in body or b"\\ud" in body.lower()
+    if not suspicious and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         return
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return  # not JSON: the handler's own parsing reports it
-    location = _find_nul(document, ("body",))
-    if location is not None:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "string_contains_nul",
-                    "loc": location,
-                    "msg": "Text must not contain NUL characters (U+0000)",
-                }
-            ]
-        )
+    problem = _find_problem(document, ("body",), depth=0)
+    if problem is not None:
+        location, message = problem
+        raise RequestValidationError([{"type": "string_not_storable", "loc": location, "msg": message}])
 
 
-def _find_nul(value: Any, location: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "Text must not contain NUL characters (U+0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Text must not contain unpaired surrogates (invalid \\ud800-\\udfff escapes)"
+    return None
+
+
+def _find_problem(
+    value: Any, location: tuple[str | int, ...], *, depth: int
+) -> tuple[tuple[str | int, ...], str] | None:
+    if depth > MAX_JSON_DEPTH:
+        return location, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
     if isinstance(value, str):
-        return location if "\x00" in value else None
+        message = _string_problem(value)
+        return (location, message) if message else None
     if isinstance(value, dict):
         for key, item in value.items():
-            if "\x00" in key:
-                return location
-            found = _find_nul(item, (*location, key))
+            message = _string_problem(key)
+            if message:
+                return location, message
+            found = _find_problem(item, (*location, key), depth=depth + 1)
             if found is not None:
                 return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            found = _find_nul(item, (*location, index))
+            found = _find_problem(item, (*location, index), depth=depth + 1)
             if found is not None:
                 return found
     return None

@@ -2,6 +2,7 @@
 
 from pocketllm.models.chat import Chat, StoredMessage
 from pocketllm.models.invite import InviteCode
+from pocketllm.models.mail import OutgoingMail
 from pocketllm.models.model_config import ModelConfig
 from pocketllm.models.profile import Profile
 from pocketllm.models.provider import ProviderConfig
@@ -14,6 +15,7 @@ __all__ = [
     "Chat",
     "InviteCode",
     "ModelConfig",
+    "OutgoingMail",
     "Profile",
     "ProviderConfig",
     "RefreshToken",

@@ -24,7 +24,8 @@ class Profile(Timestamps, Base):
     age: Mapped[int | None] = mapped_column(Integer)
     profession: Mapped[str | None] = mapped_column(String(200))
     heard_from: Mapped[str | None] = mapped_column(String(200))
-    avatar_url: Mapped[str | None] = mapped_column(Text)
+    # Storage key of the current avatar; responses turn it into a URL.
+    avatar_key: Mapped[str | None] = mapped_column(String(300))
 
     invite_code: Mapped[str | None] = mapped_column(String(64))
     referral_code: Mapped[str | None] = mapped_column(String(64))

@@ -94,7 +94,10 @@ class ProviderHttp:
             raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderRequestFailed(f"Could not connect to {provider}; check its base URL.") from error
+            raise ProviderRequestFailed(
+                f"The connection to {provider} failed or closed before the answer was complete; "
+                "check its base URL and try again."
+            ) from error
 
         raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
         try:
@@ -135,7 +138,10 @@ class ProviderHttp:
             raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderRequestFailed(f"Could not connect to {provider}; check its base URL.") from error
+            raise ProviderRequestFailed(
+                f"The connection to {provider} failed or closed before the answer was complete; "
+                "check its base URL and try again."
+            ) from error
 
 
 def raise_for_provider_status(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pocketllm.models import Profile, User
 
@@ -45,7 +46,7 @@ class UserProfile(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def from_rows(cls, user: User, profile: Profile) -> UserProfile:
+    def from_rows(cls, user: User, profile: Profile, *, avatar_url: str | None = None) -> UserProfile:
         return cls(
             id=user.id,
             email=user.email,
@@ -56,7 +57,7 @@ class UserProfile(BaseModel):
             age=profile.age,
             profession=profile.profession,
             heard_from=profile.heard_from,
-            avatar_url=profile.avatar_url,
+            avatar_url=avatar_url,
             invite_code=profile.invite_code,
             referral_code=profile.referral_code,
             referred_by=profile.referred_by,
@@ -75,3 +76,86 @@ class UserProfile(BaseModel):
             created_at=profile.created_at,
             updated_at=profile.updated_at,
         )
+
+
+MAX_JSON_OBJECT_BYTES = 16_384
+USERNAME_PATTERN = r"^[A-Za-z0-9_.-]{2,32}$"
+
+
+def _json_object(value: Any) -> Any:
+    """Accept an object, or an object encoded as a JSON string (older clients send that)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ValueError("must be a JSON object") from error
+    if value is not None and not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    if value is not None and len(json.dumps(value)) > MAX_JSON_OBJECT_BYTES:
+        raise ValueError(f"must be at most {MAX_JSON_OBJECT_BYTES} bytes as JSON")
+    return value
+
+
+def _date_prefix(value: Any) -> Any:
+    # The client may send a full timestamp; only the date part is a date of birth.
+    if isinstance(value, str) and len(value) > 10 and value[4:5] == "-":
+        return value[:10]
+    return value
+
+
+def _blank_to_none(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value.strip() if isinstance(value, str) else value
+
+
+class UserProfileUpdate(BaseModel):
+    """Partial update: omitted fields stay as they are, an explicit null clears a field.
+
+    Unknown fields are ignored rather than rejected, because the shipped client sends whatever its
+    local profile holds.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    full_name: str | None = Field(default=None, max_length=200)
+    username: str | None = Field(
+        default=None, pattern=USERNAME_PATTERN, description="2 to 32 letters, digits, `_`, `.` or `-`."
+    )
+    bio: str | None = Field(default=None, max_length=1000)
+    date_of_birth: date | None = None
+    age: int | None = Field(default=None, ge=0, le=150)
+    profession: str | None = Field(default=None, max_length=200)
+    heard_from: str | None = Field(default=None, max_length=200)
+    survey_completed: bool | None = None
+    onboarding: dict[str, Any] | None = Field(
+        default=None, description="Stored exactly as sent, replacing the old answers."
+    )
+    preferences: dict[str, Any] | None = Field(
+        default=None,
+        description="Merged by top-level key (e.g. `appearance`), each stored as sent; a null value removes its key.",
+    )
+    avatar_url: str | None = Field(default=None, description="Only `null` has an effect: it removes the avatar.")
+
+    _text = field_validator("full_name", "username", "bio", "profession", "heard_from", mode="before")(_blank_to_none)
+    _objects = field_validator("onboarding", "preferences", mode="before")(_json_object)
+    _date = field_validator("date_of_birth", mode="before")(_date_prefix)
+
+
+class OnboardingSurvey(UserProfileUpdate):
+    """The answers of the onboarding survey, and the profile fields asked for with it."""
+
+    survey_completed: bool | None = Field(default=True, description="Defaults to true: the survey was answered.")
+
+
+class DeleteAccountResponse(BaseModel):
+    status: Literal["pending"] = "pending"
+    deletion_requested_at: datetime
+    deletion_scheduled_for: datetime
+
+
+class CancelDeletionResponse(BaseModel):
+    canceled: bool
+    profile: UserProfile
+    previous_deletion_requested_at: datetime | None = None
+    previous_deletion_scheduled_for: datetime | None = None
