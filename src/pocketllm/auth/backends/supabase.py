@@ -591,7 +591,12 @@ class SupabaseAuthBackend(AuthBackend):
         return VerifiedSession(upstream=upstream, claims=claims, session_id=claims.session_id)
 
     async def _ensure_account(self, user_id: uuid.UUID, email: str, full_name: str | None) -> None:
-        """Create the local user and profile of a GoTrue user unless they exist. No invite is needed."""
+        """Create the local user and profile of a GoTrue user unless they exist. No invite is needed.
+
+        NOTE: an account purged here still exists in GoTrue, so a token GoTrue issued before the purge
+        creates a fresh, empty local account until it expires. Deleting the GoTrue user through its admin
+        API during the purge (needs SUPABASE_SERVICE_ROLE_KEY) would close this gap.
+        """
         try:
             async with self._database.transaction() as session:
                 user = await session.get(User, user_id)
