@@ -39,6 +39,9 @@ API_ROUTES = {
     ("PATCH", "/v1/models/{model_id}"),
     ("DELETE", "/v1/models/{model_id}"),
     ("POST", "/v1/models/{model_id}/default"),
+    ("POST", "/v1/waitlist"),
+    ("GET", "/v1/referral/list"),
+    ("POST", "/v1/referral/send"),
 }
 
 

@@ -36,6 +36,7 @@ from pocketllm.providers.dependencies import ProviderRuntime
 from pocketllm.providers.guard import OutboundGuard
 from pocketllm.providers.http import ProviderHttp
 from pocketllm.providers.router import router as providers_router
+from pocketllm.referrals.router import legacy_referral_router, referral_router, waitlist_router
 from pocketllm.storage.router import router as files_router
 from pocketllm.storage.service import build_storage
 from pocketllm.users.router import router as users_router
@@ -166,6 +167,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model_configs_router)
     app.include_router(chats_router)
     app.include_router(files_router)
+    app.include_router(waitlist_router)
+    app.include_router(referral_router)
+    app.include_router(legacy_referral_router)
     return app
 
 

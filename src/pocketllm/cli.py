@@ -70,6 +70,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "approve", help="approve an application so that its e-mail address can sign up without a code"
     )
     approve.add_argument("email", help="the applicant's e-mail address")
+    reject = waitlist_commands.add_parser(
+        "reject", help="reject an application; an approved address can no longer sign up without a code"
+    )
+    reject.add_argument("email", help="the applicant's e-mail address")
+    waitlist_list = waitlist_commands.add_parser("list", help="list waitlist applications, newest first")
+    waitlist_list.add_argument(
+        "--status", choices=["pending", "approved", "rejected"], default=None, help="only list this status"
+    )
 
     users = commands.add_parser("users", help="account maintenance")
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -121,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             return _run_in_transaction(settings, _list_invites)
         if arguments.command == "waitlist":
+            if arguments.waitlist_command == "list":
+                return _run_in_transaction(settings, lambda session: _list_applications(session, arguments.status))
+            if arguments.waitlist_command == "reject":
+                return _run_in_transaction(settings, lambda session: _reject(session, arguments.email))
             return _run_in_transaction(settings, lambda session: _approve(session, arguments.email))
         if arguments.command == "keys":
             return _run_in_transaction(settings, lambda session: _rotate_keys(session, settings))
@@ -244,6 +256,35 @@ async def _approve(session: AsyncSession, raw_email: str) -> int:
     _, created = await referrals.approve_application(session, email)
     action = "created an approved application for" if created else "approved the application of"
     print(f"{action} {email}; this address can now sign up without an invite code")
+    return 0
+
+
+async def _reject(session: AsyncSession, raw_email: str) -> int:
+    from pocketllm.auth.emails import canonicalize_email
+    from pocketllm.referrals import service as referrals
+
+    email = canonicalize_email(raw_email)
+    try:
+        await referrals.reject_application(session, email)
+    except referrals.WaitlistApplicationNotFound:
+        raise InvalidInput(f"no waitlist application for {email}; see `pocketllm waitlist list`") from None
+    print(f"rejected the application of {email}; this address needs an invite code to sign up")
+    return 0
+
+
+async def _list_applications(session: AsyncSession, status: str | None) -> int:
+    from pocketllm.referrals import service as referrals
+
+    applications = await referrals.list_applications(session, status)
+    if not applications:
+        print(f"no {status} waitlist applications" if status else "no waitlist applications")
+        return 0
+    print(f"{'EMAIL':<40} {'STATUS':<9} {'APPLIED (UTC)':<17} {'SOURCE':<12} NAME")
+    for application in applications:
+        print(
+            f"{application.email:<40} {application.status:<9} {application.created_at:%Y-%m-%d %H:%M} "
+            f"{application.source or '-':<12} {application.full_name or '-'}"
+        )
     return 0
 
 

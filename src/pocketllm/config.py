@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
@@ -141,6 +142,13 @@ class Settings(BaseSettings):
     # On shutdown, replies still being generated get this long to finish and be stored.
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=600)
     invite_code: bool = True
+    # A user's personal invite code (GET /v1/referral/list) is created with this many uses.
+    referral_max_uses: int = Field(default=5, ge=1, le=10_000)
+    # Invite links are this URL followed by the code. Unset: PUBLIC_BASE_URL (else the request's base URL)
+    # followed by "/invite/".
+    referral_share_base_url: str | None = None
+    # A second POST /v1/referral/send to the same address within this many seconds sends no new e-mail.
+    referral_resend_cooldown_seconds: int = Field(default=86_400, ge=0, le=30 * 86_400)
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["console", "json"] = "console"
@@ -170,6 +178,16 @@ class Settings(BaseSettings):
         if any(algorithm.lower() == "none" for algorithm in value):
             raise ValueError("JWT_ALGORITHMS must not contain 'none'")
         return value
+
+    @field_validator("referral_share_base_url")
+    @classmethod
+    def _require_http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("REFERRAL_SHARE_BASE_URL must be an absolute http:// or https:// URL")
+        return value.strip()
 
     @field_validator("supabase_url")
     @classmethod

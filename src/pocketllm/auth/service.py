@@ -86,7 +86,11 @@ async def create_account(
     grant: SignUpGrant,
     user_id: uuid.UUID | None = None,
 ) -> tuple[User, Profile]:
-    """Insert the user and its profile; a duplicate e-mail address raises UserAlreadyExists."""
+    """Insert the user and its profile; a duplicate e-mail address raises UserAlreadyExists.
+
+    A sign-up with someone's personal code also marks their referral of `email` joined (see
+    referrals.service.record_referral_join).
+    """
     now = utcnow()
     user = User(id=user_id or uuid.uuid4(), email=email, password_hash=password_hash, created_at=now)
     profile = Profile(id=user.id, full_name=full_name, survey_completed=False, created_at=now)
@@ -110,6 +114,11 @@ async def create_account(
         raise
     session.add(profile)
     await session.flush()
+    if grant.invite is not None:
+        # After the user insert: a duplicate e-mail has failed by now, so no referral is touched for it.
+        await referrals.record_referral_join(
+            session, invite=grant.invite, email=email, full_name=full_name, user_id=user.id
+        )
     return user, profile
 
 

@@ -6,6 +6,7 @@ from pocketllm.models.mail import OutgoingMail
 from pocketllm.models.model_config import ModelConfig
 from pocketllm.models.profile import Profile
 from pocketllm.models.provider import ProviderConfig
+from pocketllm.models.referral import Referral
 from pocketllm.models.session import AuthSession, RefreshToken
 from pocketllm.models.user import User
 from pocketllm.models.waitlist import WaitlistApplication
@@ -18,6 +19,7 @@ __all__ = [
     "OutgoingMail",
     "Profile",
     "ProviderConfig",
+    "Referral",
     "RefreshToken",
     "StoredMessage",
     "User",
