@@ -138,6 +138,9 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         "jwt_secret": TEST_JWT_SECRET,
         "encryption_key": Fernet.generate_key().decode(),
         "invite_code": False,
+        # Many tests sign up and sign in repeatedly from the one ASGI client address; rate-limit tests
+        # turn the limiter on through `settings_overrides`.
+        "rate_limit_enabled": False,
         "password_hash_time_cost": 1,
         "password_hash_memory_kib": 1024,
         "password_hash_parallelism": 1,

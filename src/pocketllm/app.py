@@ -28,6 +28,7 @@ from pocketllm.health.router import router as health_router
 from pocketllm.kit.cache import build_cache
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
+from pocketllm.kit.ratelimit import build_rate_limiter, parse_trusted_proxies
 from pocketllm.kit.request_id import RequestIdMiddleware
 from pocketllm.mail import MailSender
 from pocketllm.model_configs.router import router as model_configs_router
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.wait_for(mail_task, timeout=settings.smtp_timeout_seconds + 5)
             await app.state.auth_backend.close()
             await app.state.providers.close()
+            await app.state.rate_limiter.close()
             await database.dispose()
             log.info("app.stopped")
 
@@ -148,6 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # Built here rather than in the lifespan, so that a bad STORAGE_URL fails at once.
     app.state.storage = build_storage(settings)
+    # One limiter per app. With REDIS_URL its counts are shared by every process and app instance.
+    app.state.rate_limiter = build_rate_limiter(settings.redis_url, enabled=settings.rate_limit_enabled)
+    app.state.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
 
     register_error_handlers(app)
     if settings.cors_origins:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import tempfile
@@ -13,12 +14,13 @@ from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
+from limits import parse as parse_rate_limit
 
 try:
     import fcntl
 except ImportError:  # Windows has no fcntl; concurrent first starts there may race for the secret files.
     fcntl = None  # type: ignore[assignment]
-from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values that people paste from examples; a server must never sign tokens with them in production.
@@ -150,6 +152,21 @@ class Settings(BaseSettings):
     # A second POST /v1/referral/send to the same address within this many seconds sends no new e-mail.
     referral_resend_cooldown_seconds: int = Field(default=86_400, ge=0, le=30 * 86_400)
     cors_origins: Annotated[list[str], NoDecode] = []
+
+    # Rate limits, in the `limits` notation: "<count>/<period>" or "<count> per <period>", e.g. "10/minute"
+    # or "100 per 2 hours". Each counts on a moving window, in Redis when REDIS_URL is set (shared by all
+    # processes) and otherwise in each process's memory.
+    rate_limit_enabled: bool = True
+    # Addresses or CIDR networks of reverse proxies whose X-Forwarded-For header is believed. Requests from
+    # any other peer are limited by the peer address, whatever the header says.
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    rate_limit_signin: str = "10/minute"  # per client address
+    rate_limit_signin_per_email: str = "5/minute"  # per canonical e-mail address, from any client address
+    rate_limit_signup: str = "5/minute"  # per client address
+    rate_limit_password_change: str = "5/minute"  # noqa: S105  (a rate limit, per user)
+    rate_limit_waitlist: str = "5/minute"  # per client address
+    rate_limit_referral_send: str = "20/hour"  # per user
+    rate_limit_chat_messages: str = "60/minute"  # per user
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["console", "json"] = "console"
 
@@ -165,7 +182,7 @@ class Settings(BaseSettings):
     def _upper_case_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("cors_origins", "jwt_algorithms", mode="before")
+    @field_validator("cors_origins", "jwt_algorithms", "trusted_proxies", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split_comma_list(value)
@@ -178,6 +195,39 @@ class Settings(BaseSettings):
         if any(algorithm.lower() == "none" for algorithm in value):
             raise ValueError("JWT_ALGORITHMS must not contain 'none'")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as error:
+                raise ValueError(
+                    f"TRUSTED_PROXIES entry {entry!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8)"
+                ) from error
+        return value
+
+    @field_validator(
+        "rate_limit_signin",
+        "rate_limit_signin_per_email",
+        "rate_limit_signup",
+        "rate_limit_password_change",
+        "rate_limit_waitlist",
+        "rate_limit_referral_send",
+        "rate_limit_chat_messages",
+    )
+    @classmethod
+    def _check_rate_limit(cls, value: str, info: ValidationInfo) -> str:
+        setting = (info.field_name or "rate limit").upper()
+        try:
+            parse_rate_limit(value)
+        except ValueError as error:
+            raise ValueError(
+                f"{setting}={value!r} is not a valid rate limit; write it as '<count>/<period>', "
+                "e.g. '10/minute' or '100 per 2 hours'"
+            ) from error
+        return value.strip()
 
     @field_validator("referral_share_base_url")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, status
+from fastapi import APIRouter, Body, Request, status
 
 from pocketllm.auth import service
 from pocketllm.auth.backends.local import PasswordUnchanged, RefreshTokenInvalid, SessionRevoked
@@ -16,7 +16,7 @@ from pocketllm.auth.backends.supabase import (
     WeakPassword,
 )
 from pocketllm.auth.dependencies import Backend, Client, CurrentUser
-from pocketllm.auth.emails import InvalidEmail
+from pocketllm.auth.emails import InvalidEmail, canonicalize_email
 from pocketllm.auth.schemas import (
     AuthFeatureAvailabilityResponse,
     InviteCodeDetails,
@@ -38,6 +38,7 @@ from pocketllm.auth.schemas import (
 )
 from pocketllm.db.dependencies import DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, RateLimited, UpstreamError, error_responses
+from pocketllm.kit.ratelimit import ClientAddress, Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.referrals import service as referrals
 
@@ -70,8 +71,16 @@ class InviteCodeNotFound(InvalidInput):
         UpstreamError,
     ),
 )
-async def sign_up(payload: SignUpRequest, backend: Backend, client: Client) -> SignUpResponse:
+async def sign_up(
+    payload: SignUpRequest,
+    backend: Backend,
+    client: Client,
+    limiter: Limiter,
+    address: ClientAddress,
+    request: Request,
+) -> SignUpResponse:
     """Create an account; needs an invite code or an approved waitlist application unless INVITE_CODE=false."""
+    await limiter.hit("signup", address, request.app.state.settings.rate_limit_signup)
     return await backend.sign_up(payload, client)
 
 
@@ -82,9 +91,29 @@ async def sign_up(payload: SignUpRequest, backend: Backend, client: Client) -> S
         service.InvalidCredentials, EmailNotConfirmed, AccountMismatch, RateLimited, UpstreamError
     ),
 )
-async def sign_in(payload: SignInRequest, backend: Backend, client: Client) -> SignInResponse:
+async def sign_in(
+    payload: SignInRequest,
+    backend: Backend,
+    client: Client,
+    limiter: Limiter,
+    address: ClientAddress,
+    request: Request,
+) -> SignInResponse:
     """Sign in with e-mail and password; cancels a scheduled account deletion."""
+    settings = request.app.state.settings
+    # Both limits are checked before the password hash is verified. The per-address limit slows one client
+    # guessing many accounts, and the per-e-mail limit slows many clients guessing one account.
+    await limiter.hit("signin", address, settings.rate_limit_signin)
+    await limiter.hit("signin-email", _rate_limit_email_key(payload.email), settings.rate_limit_signin_per_email)
     return await backend.sign_in(payload, client)
+
+
+def _rate_limit_email_key(email: str) -> str:
+    """Return the canonical address, so that spelling variants of one account share a count."""
+    try:
+        return canonicalize_email(email)
+    except InvalidEmail:
+        return email.strip().lower()
 
 
 @router.post(
@@ -120,9 +149,10 @@ async def sign_out(
     ),
 )
 async def change_password(
-    payload: PasswordChangeRequest, user: CurrentUser, backend: Backend
+    payload: PasswordChangeRequest, user: CurrentUser, backend: Backend, limiter: Limiter, request: Request
 ) -> PasswordChangeResponse:
     """Change the password after checking the current one; other sessions are signed out."""
+    await limiter.hit("password-change", str(user.user_id), request.app.state.settings.rate_limit_password_change)
     return await backend.change_password(user, payload.old, payload.new)
 
 

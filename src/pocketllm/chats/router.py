@@ -17,7 +17,8 @@ from pocketllm.chats import service
 from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
 from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
 from pocketllm.db.dependencies import DbSession
-from pocketllm.errors import NotAuthenticated, PocketLLMError, error_responses
+from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, error_responses
+from pocketllm.kit.ratelimit import Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.model_configs.service import ModelConfigNotFound
 from pocketllm.providers.errors import (
@@ -50,6 +51,7 @@ _REPLY_ERRORS = (
     ProviderRequestFailed,
     ProviderTimeout,
     ReplyInterrupted,
+    RateLimited,
 )
 _STREAM_DESCRIPTION = (
     "With `stream: true`: a text/event-stream of `user_message`, `delta`, `assistant_message` and `error` "
@@ -172,8 +174,11 @@ async def list_messages(
         200: {"description": f"The stored reply (or message). {_STREAM_DESCRIPTION}"},
     },
 )
-async def post_message(chat_id: str, payload: MessageCreate, user: CurrentUser, request: Request) -> Any:
+async def post_message(
+    chat_id: str, payload: MessageCreate, user: CurrentUser, request: Request, limiter: Limiter
+) -> Any:
     """Add a message; a `user` message gets a reply from the chat's model, which is stored and returned."""
+    await limiter.hit("chat-messages", str(user.user_id), request.app.state.settings.rate_limit_chat_messages)
     replies = get_replies(request)
     parsed_chat_id = service.parse_id(chat_id, service.ChatNotFound)
     if payload.role != "user":

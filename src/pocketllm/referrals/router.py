@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request, status
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.auth.emails import InvalidEmail, canonicalize_email
 from pocketllm.db.dependencies import Db, DbSession
-from pocketllm.errors import NotAuthenticated, error_responses
+from pocketllm.errors import NotAuthenticated, RateLimited, error_responses
+from pocketllm.kit.ratelimit import ClientAddress, Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.referrals import service
 from pocketllm.referrals.schemas import (
@@ -35,10 +36,16 @@ legacy_referral_router = APIRouter(prefix="/v1/v1/referral", include_in_schema=F
 
 
 @waitlist_router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=WaitlistEntry, responses=error_responses(InvalidEmail)
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WaitlistEntry,
+    responses=error_responses(InvalidEmail, RateLimited),
 )
-async def submit_waitlist_entry(payload: WaitlistEntryCreate, session: DbSession) -> WaitlistEntry:
+async def submit_waitlist_entry(
+    payload: WaitlistEntryCreate, session: DbSession, limiter: Limiter, address: ClientAddress, request: Request
+) -> WaitlistEntry:
     """Apply for access, or update the application of this e-mail address. No authentication is needed."""
+    await limiter.hit("waitlist", address, request.app.state.settings.rate_limit_waitlist)
     email = canonicalize_email(payload.email)
     fields = service.ApplicationFields(
         full_name=payload.full_name,
@@ -95,7 +102,12 @@ async def list_referrals(user: CurrentUser, database: Db, request: Request) -> R
 
 
 _SEND_ERRORS = error_responses(
-    NotAuthenticated, InvalidEmail, service.CannotInviteSelf, service.AlreadyRegistered, service.PersonalCodeUnusable
+    NotAuthenticated,
+    InvalidEmail,
+    service.CannotInviteSelf,
+    service.AlreadyRegistered,
+    service.PersonalCodeUnusable,
+    RateLimited,
 )
 
 
@@ -104,7 +116,7 @@ _SEND_ERRORS = error_responses(
 )
 @legacy_referral_router.post("/send", status_code=status.HTTP_201_CREATED, response_model=ReferralSendResponse)
 async def send_referral(
-    payload: ReferralSendRequest, user: CurrentUser, session: DbSession, request: Request
+    payload: ReferralSendRequest, user: CurrentUser, session: DbSession, request: Request, limiter: Limiter
 ) -> ReferralSendResponse:
     """Invite someone by e-mail with the caller's personal code.
 
@@ -112,6 +124,7 @@ async def send_referral(
     REFERRAL_RESEND_COOLDOWN_SECONDS.
     """
     settings = request.app.state.settings
+    await limiter.hit("referral-send", str(user.user_id), settings.rate_limit_referral_send)
     result = await service.send_referral(
         session,
         referrer_id=user.user_id,
