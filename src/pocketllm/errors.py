@@ -74,7 +74,7 @@ class RateLimited(PocketLLMError):
 class UpstreamError(PocketLLMError):
     status_code = 502
     code = "upstream_error"
-    default_message = "An upstream service failed to answer."
+    default_message = "An upstream service failed to respond."
 
 
 class ServiceUnavailable(PocketLLMError):

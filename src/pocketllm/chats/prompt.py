@@ -31,8 +31,8 @@ class HistoryEntry:
 
 
 def output_limit(configured: int | None, model_maximum: int | None, context_window: int) -> int:
-    """The `max_tokens` to request: the configured value, else the default, never above the model's maximum
-    and never more than half the context window, so that some history always fits."""
+    """Return the `max_tokens` to request: the configured value, else the default, never above the model's
+    maximum and never more than half the context window, so that some history always fits."""
     limit = configured or DEFAULT_MAX_TOKENS
     if model_maximum:
         limit = min(limit, model_maximum)
@@ -49,8 +49,8 @@ def fit_history(
 ) -> list[ChatMessage]:
     """Return the newest history entries that fit, oldest first, followed by the new user message.
 
-    The new message is always included, even when it alone exceeds the budget: the provider is the one
-    that knows the exact count.
+    The new message is always included, even when it alone exceeds the budget: only the provider can
+    count the tokens exactly.
     """
     budget = context_window - max_tokens - estimate_tokens(new_message)
     if system_prompt:
@@ -71,7 +71,7 @@ def fit_history(
 
 
 def derive_title(content: str, max_length: int = 60) -> str:
-    """A title from the first line of a message, whitespace collapsed and cut at a word boundary."""
+    """Derive a title from the first line of a message, whitespace collapsed and cut at a word boundary."""
     first_line = next((line for line in content.splitlines() if line.strip()), content)
     title = " ".join(first_line.split())
     if len(title) <= max_length:

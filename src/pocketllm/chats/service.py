@@ -149,7 +149,7 @@ async def list_messages(
 
 
 async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: int) -> list[HistoryEntry]:
-    """The messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them.
+    """Load the messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them.
 
     User messages whose reply failed are left out: the user usually sends them again, and the model
     should not see the same question twice in a row.

@@ -162,7 +162,9 @@ async def delete_saved(session: AsyncSession, user_id: uuid.UUID, config: ModelC
 
 def to_configuration(config: ModelConfig, provider_config: ProviderConfig | None) -> ModelConfiguration:
     spec = PROVIDERS.get(config.provider)
-    base_url = (provider_config.base_url if provider_config else None) or (spec.default_base_url if spec else None)
+    base_url = provider_config.base_url if provider_config else None
+    if base_url is None and spec is not None:
+        base_url = spec.default_base_url
     return ModelConfiguration(
         id=config.id,
         provider=config.provider,

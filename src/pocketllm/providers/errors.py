@@ -22,10 +22,10 @@ class ProviderRateLimited(RateLimited):
 
 
 class ProviderRequestFailed(UpstreamError):
-    """The provider could not be reached, answered 5xx, or sent something that is not a valid answer."""
+    """The provider could not be reached, responded with a 5xx status, or returned an invalid response."""
 
     code = "provider_unavailable"
-    default_message = "The provider failed to answer the request; try again later."
+    default_message = "The provider failed to respond to the request; try again later."
 
 
 class ContextLengthExceeded(InvalidInput):
@@ -36,4 +36,4 @@ class ContextLengthExceeded(InvalidInput):
 class ProviderTimeout(UpstreamError):
     status_code = 504
     code = "provider_timeout"
-    default_message = "The provider did not answer in time; try again later."
+    default_message = "The provider did not respond in time; try again later."

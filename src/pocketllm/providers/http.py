@@ -91,11 +91,11 @@ class ProviderHttp:
             )
         except httpx.TimeoutException as error:
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-            raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
+            raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
             raise ProviderRequestFailed(
-                f"The connection to {provider} failed or closed before the answer was complete; "
+                f"The connection to {provider} failed or closed before the response was complete; "
                 "check its base URL and try again."
             ) from error
 
@@ -104,7 +104,7 @@ class ProviderHttp:
             return response.json()
         except ValueError as error:
             log.info("provider.malformed_response", provider=provider, status=response.status_code)
-            raise ProviderRequestFailed(f"{provider} answered with a body that is not JSON.") from error
+            raise ProviderRequestFailed(f"{provider} returned a response body that is not JSON.") from error
 
     @asynccontextmanager
     async def stream(
@@ -135,11 +135,11 @@ class ProviderHttp:
                 yield response
         except httpx.TimeoutException as error:
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-            raise ProviderTimeout(f"{provider} did not answer in time; try again later.") from error
+            raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
         except httpx.TransportError as error:
             log.info("provider.unreachable", provider=provider, error=type(error).__name__)
             raise ProviderRequestFailed(
-                f"The connection to {provider} failed or closed before the answer was complete; "
+                f"The connection to {provider} failed or closed before the response was complete; "
                 "check its base URL and try again."
             ) from error
 
@@ -159,7 +159,7 @@ def raise_for_provider_status(
     log.info("provider.request_failed", provider=provider, status=status)
     if 300 <= status < 400:
         raise ProviderRequestFailed(
-            f"{provider} answered with a redirect ({status}), which is not followed; check the base URL."
+            f"{provider} responded with a redirect ({status}), which is not followed; check the base URL."
         )
     if status in (401, 403):
         raise ProviderAuthFailed(f"{provider} rejected the API key ({status}); check the key and save it again.")
@@ -177,4 +177,4 @@ def raise_for_provider_status(
 
     detail = provider_error_message(response, secret)
     suffix = f": {detail}" if detail else "."
-    raise ProviderRequestFailed(f"{provider} answered {status}{suffix}")
+    raise ProviderRequestFailed(f"{provider} responded with HTTP {status}{suffix}")

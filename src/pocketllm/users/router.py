@@ -36,7 +36,7 @@ def get_storage(request: Request) -> FileStorage:
 
 
 def public_base_url(request: Request) -> str:
-    """The server's own address for absolute file URLs: PUBLIC_BASE_URL, else the request's base URL."""
+    """Return the server's own address for absolute file URLs: PUBLIC_BASE_URL, else the request's base URL."""
     configured: str | None = request.app.state.settings.public_base_url
     return (configured or str(request.base_url)).rstrip("/")
 
