@@ -7,9 +7,19 @@ Routes, relative to `fake.url`:
   `/openai/v1/images/generations`. Use `fake.openai_base_url` as the provider's base URL.
 * `/anthropic/v1/models`, `/anthropic/v1/models/{id}` and `/anthropic/v1/messages` (JSON or SSE).
   Use `fake.anthropic_base_url` as the provider's base URL.
-* `/files/{name}.png`, the generated images behind the `url` results of the image endpoint. It needs no
-  key, like a signed storage URL.
+* `/imagerouter/v1/models` (ImageRouter's model list, an object keyed by model id, served without a key)
+  and `/imagerouter/v1/openai/images/generations` (OpenAI-shaped, plus ImageRouter's top-level `cost` in
+  USD and `latency` in milliseconds). Use `fake.imagerouter_base_url` as the provider's base URL.
+* `/files/{name}`, the generated images behind the `url` results of both image endpoints. It needs no
+  key, like a signed storage URL. `/files/big-{N}.png` sends N bytes with a Content-Length header, and
+  `/files/stream-{N}.png` sends N bytes in chunks without one, both starting with the PNG signature, to
+  test download size limits.
 * Any other path returns the protocol's 404 error body.
+
+The OpenAI image endpoint returns `revised_prompt` for dall-e-3, and for gpt-image-1 it always returns
+base64 with a token `usage` block. With `strict_image_models = True` it also applies each model's rules:
+accepted parameters, sizes, qualities, styles, image count and prompt length. By default it accepts any
+model, like a lenient OpenAI-compatible server.
 
 Attributes of the instance set what it returns (models, reply text, token usage, valid keys),
 `fail_next()` scripts failures for matching requests, and `requests` contains every request received.
@@ -34,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import re
 import socket
@@ -42,16 +53,17 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pytest
 import uvicorn
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -62,6 +74,7 @@ DEFAULT_REPLY_TEXT = "Hello from the fake provider"
 ANTHROPIC_VERSIONS = frozenset({"2023-01-01", "2023-06-01", "2026-10-21"})
 
 ModelListShape = Literal["data", "bare", "openrouter", "odd", "data_not_list"]
+ImageFormat = Literal["PNG", "JPEG", "WEBP"]
 _Protocol = Literal["openai", "anthropic", "plain"]
 
 _OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -93,6 +106,65 @@ _ANTHROPIC_MESSAGE_FIELDS = frozenset(
         "mcp_servers",
     }
 )
+
+
+@dataclass(frozen=True)
+class OpenAIImageModel:
+    """What one OpenAI image model accepts, from OpenAI's Images API reference."""
+
+    sizes: tuple[str, ...]
+    qualities: tuple[str, ...]
+    styles: tuple[str, ...]
+    max_images: int
+    max_prompt_length: int
+    # Request fields the model rejects with 400 unknown_parameter.
+    unknown_parameters: frozenset[str] = frozenset()
+
+
+OPENAI_IMAGE_MODELS: dict[str, OpenAIImageModel] = {
+    "dall-e-2": OpenAIImageModel(
+        sizes=("256x256", "512x512", "1024x1024"),
+        qualities=("standard",),
+        styles=(),
+        max_images=10,
+        max_prompt_length=1000,
+    ),
+    "dall-e-3": OpenAIImageModel(
+        sizes=("1024x1024", "1792x1024", "1024x1792"),
+        qualities=("standard", "hd"),
+        styles=("vivid", "natural"),
+        max_images=1,
+        max_prompt_length=4000,
+    ),
+    "gpt-image-1": OpenAIImageModel(
+        sizes=("1024x1024", "1536x1024", "1024x1536", "auto"),
+        qualities=("low", "medium", "high", "auto"),
+        styles=(),
+        max_images=10,
+        max_prompt_length=32_000,
+        unknown_parameters=frozenset({"response_format", "style"}),
+    ),
+}
+# OpenAI's default model when a request names none.
+DEFAULT_OPENAI_IMAGE_MODEL = "dall-e-2"
+# Output image tokens of one gpt-image-1 image by quality and size: OpenAI's image generation guide, as
+# quoted on community.openai.com in 2025. The fake counts "auto" as medium and 1024x1024.
+GPT_IMAGE_OUTPUT_TOKENS: dict[tuple[str, str], int] = {
+    ("low", "1024x1024"): 272,
+    ("low", "1024x1536"): 408,
+    ("low", "1536x1024"): 400,
+    ("medium", "1024x1024"): 1056,
+    ("medium", "1024x1536"): 1584,
+    ("medium", "1536x1024"): 1568,
+    ("high", "1024x1024"): 4160,
+    ("high", "1024x1536"): 6240,
+    ("high", "1536x1024"): 6208,
+}
+IMAGEROUTER_QUALITIES = frozenset({"auto", "low", "medium", "high"})
+_IMAGEROUTER_SIZE = re.compile(r"^[0-9]+x[0-9]+$")
+_SIZED_FILE = re.compile(r"^(big|stream)-([0-9]{1,10})\.png$")
+_IMAGE_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+_IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
 # -- data types ----------------------------------------------------------------------------------------------
@@ -229,6 +301,45 @@ def default_anthropic_models() -> list[FakeModel]:
     ]
 
 
+def default_imagerouter_models() -> dict[str, Any]:
+    """ImageRouter's `GET /v1/models` body: a fixed-price image model, one priced by a range, a free one, and
+    a video model."""
+    return {
+        "test/fixed-image": {
+            "providers": [
+                {"id": "deepinfra", "model_name": "fixed-image", "pricing": {"type": "fixed", "value": 0.04}}
+            ],
+            "release_date": "2024-11-02",
+            "output": ["image"],
+            "supported_params": {"quality": False, "edit": False, "mask": False},
+        },
+        "test/range-image": {
+            "providers": [
+                {
+                    "id": "runware",
+                    "model_name": "runware:100@1",
+                    "pricing": {"type": "calculated", "range": {"min": 0.0006, "average": 0.0013, "max": 0.0019}},
+                }
+            ],
+            "release_date": "2024-08-01",
+            "output": ["image"],
+            "supported_params": {"quality": True, "edit": False, "mask": False},
+        },
+        "test/free-image:free": {
+            "providers": [{"id": "deepinfra", "model_name": "free-image", "pricing": {"type": "fixed", "value": 0}}],
+            "release_date": "2024-08-01",
+            "output": ["image"],
+            "supported_params": {"quality": False, "edit": False, "mask": False},
+        },
+        "test/video": {
+            "providers": [{"id": "fal", "model_name": "video", "pricing": {"type": "fixed", "value": 0.9}}],
+            "release_date": "2025-05-20",
+            "output": ["video"],
+            "supported_params": {},
+        },
+    }
+
+
 # Entries that a careless parser trips over, appended to the valid ones by `model_list_shape = "odd"`.
 # Only the entries with a usable string id ("odd/...") name a model at all, and their other fields are wrong.
 ODD_MODEL_ENTRIES: list[Any] = [
@@ -276,6 +387,15 @@ def make_png(width: int, height: int, rgb: tuple[int, int, int] = (40, 120, 200)
     row = b"\x00" + bytes(rgb) * width  # filter type 0 (None) before every scanline
     pixels = zlib.compress(row * height)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def make_image(width: int, height: int, rgb: tuple[int, int, int], image_format: ImageFormat = "PNG") -> bytes:
+    """Encode a valid single-colour image as PNG (with `make_png`), JPEG or WEBP (with Pillow)."""
+    if image_format == "PNG":
+        return make_png(width, height, rgb)
+    output = io.BytesIO()
+    Image.new("RGB", (width, height), rgb).save(output, format=image_format)
+    return output.getvalue()
 
 
 def _is_streaming(body: Any) -> bool:
@@ -621,8 +741,21 @@ class FakeProvider:
         self.rejected_parameters: set[str] = set()
         # True rejects chat requests for a model that is not in the catalogue with 404.
         self.reject_unknown_models = False
+        # Size in pixels and format of generated images.
         self.image_width = 8
         self.image_height = 8
+        self.image_format: ImageFormat = "PNG"
+        # When set, both image endpoints return this JSON value as it is, after checking the request.
+        self.image_response_override: Any = None
+        # When set, both image endpoints return "url" or "b64_json" items whatever the request contains, like
+        # servers that ignore `response_format`. gpt-image-1 still returns base64.
+        self.image_response_format: Literal["url", "b64_json"] | None = None
+        # True applies each OpenAI image model's own rules (see OPENAI_IMAGE_MODELS) to image requests.
+        self.strict_image_models = False
+        # The body of `GET /imagerouter/v1/models`, returned as it is.
+        self.imagerouter_models: Any = default_imagerouter_models()
+        # When set, ImageRouter responses report this `cost` instead of the model's price times the images.
+        self.imagerouter_cost: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -640,6 +773,10 @@ class FakeProvider:
     @property
     def anthropic_base_url(self) -> str:
         return f"{self.url}/anthropic"
+
+    @property
+    def imagerouter_base_url(self) -> str:
+        return f"{self.url}/imagerouter/v1/openai"
 
     def start(self) -> None:
         """Start serving on a free port of 127.0.0.1 and return once the server accepts connections."""
@@ -903,7 +1040,7 @@ class FakeProvider:
 
     @property
     def generated_images(self) -> dict[str, bytes]:
-        """A copy of the PNG files generated since the last `reset()`, by file name."""
+        """A copy of the image files generated since the last `reset()`, by file name."""
         with self._condition:
             return dict(self._images)
 
@@ -929,6 +1066,8 @@ class FakeProvider:
             route("/anthropic/v1/models", ["GET"], "anthropic", self._anthropic_models),
             route("/anthropic/v1/models/{model_id:path}", ["GET"], "anthropic", self._anthropic_model),
             route("/anthropic/v1/messages", ["POST"], "anthropic", self._anthropic_messages),
+            route("/imagerouter/v1/models", ["GET"], "openai", self._imagerouter_models, authenticate=False),
+            route("/imagerouter/v1/openai/images/generations", ["POST"], "openai", self._imagerouter_images),
             route("/files/{name}", ["GET"], "plain", self._file, authenticate=False),
             # Unknown paths, and known paths with the wrong method, get the protocol's 404.
             route("/openai/{rest:path}", None, "openai", self._openai_not_found, authenticate=False),
@@ -1072,9 +1211,26 @@ class FakeProvider:
         name = call.request.path_params["name"]
         with self._condition:
             data = self._images.get(name)
-        if data is None:
+        if data is not None:
+            extension = name.rsplit(".", 1)[-1]
+            return Response(data, media_type=_IMAGE_MEDIA_TYPES.get(extension, "application/octet-stream"))
+
+        sized = _SIZED_FILE.match(name)
+        if sized is None:
             return Response(f"file {name} not found", status_code=404, media_type="text/plain")
-        return Response(data, media_type="image/png")
+        kind, size = sized.group(1), int(sized.group(2))
+        if size > MAX_SIZED_FILE_BYTES:
+            return Response(f"file {name} is larger than the fake serves", status_code=404, media_type="text/plain")
+        if kind == "big":
+            return Response(_sized_file_bytes(size), media_type="image/png")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            body = _sized_file_bytes(size)
+            for start in range(0, len(body), 64 * 1024):
+                yield body[start : start + 64 * 1024]
+
+        # A streamed body is sent chunked, without a Content-Length header.
+        return StreamingResponse(chunks(), media_type="image/png")
 
     async def _plain_not_found(self, call: _Call) -> Response:
         return Response("Not Found", status_code=404, media_type="text/plain")
@@ -1242,25 +1398,93 @@ class FakeProvider:
         if response_format not in {"url", "b64_json"}:
             message = f"Invalid value: {response_format!r}. Supported values are: 'url' and 'b64_json'."
             return _openai_error(400, message, code="invalid_value", param="response_format")
+        model_id = body.get("model", DEFAULT_OPENAI_IMAGE_MODEL)
+        if self.strict_image_models:
+            problem = _openai_image_model_problem(body, model_id, prompt, count)
+            if problem is not None:
+                return problem
+        if self.image_response_override is not None:
+            return JSONResponse(self.image_response_override)
 
+        # gpt-image-1 always returns base64. dall-e-3 rewrites every prompt and returns the rewrite.
+        if self.image_response_format is not None:
+            response_format = self.image_response_format
+        always_base64 = model_id == "gpt-image-1"
         data: list[dict[str, str]] = []
         for _ in range(count):
-            name, png = self._new_image()
-            if response_format == "b64_json":
-                data.append({"b64_json": base64.b64encode(png).decode("ascii")})
+            name, image = self._new_image()
+            if response_format == "b64_json" or always_base64:
+                item = {"b64_json": base64.b64encode(image).decode("ascii")}
             else:
-                data.append({"url": self.image_url(name)})
-        return JSONResponse({"created": int(time.time()), "data": data})
+                item = {"url": self.image_url(name)}
+            if model_id == "dall-e-3":
+                item["revised_prompt"] = revise_prompt(prompt)
+            data.append(item)
+
+        result: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if model_id == "gpt-image-1":
+            result["usage"] = _gpt_image_usage(prompt, count, body.get("quality"), body.get("size"))
+        return JSONResponse(result)
 
     def _new_image(self) -> tuple[str, bytes]:
-        """Generate a PNG, store it under a new file name, and return both. Each image gets another colour."""
+        """Generate an image, store it under a new file name, and return both. Each image gets another colour."""
         with self._condition:
             self._image_counter += 1
             shade = (self._image_counter * 37) % 256
-            png = make_png(self.image_width, self.image_height, (shade, 255 - shade, 128))
-            name = f"img-{uuid.uuid4().hex[:16]}.png"
-            self._images[name] = png
-        return name, png
+            image = make_image(self.image_width, self.image_height, (shade, 255 - shade, 128), self.image_format)
+            name = f"img-{uuid.uuid4().hex[:16]}.{_IMAGE_EXTENSIONS[self.image_format]}"
+            self._images[name] = image
+        return name, image
+
+    # -- ImageRouter endpoints -------------------------------------------------------------------------------
+
+    async def _imagerouter_models(self, call: _Call) -> Response:
+        return JSONResponse(self.imagerouter_models)
+
+    async def _imagerouter_images(self, call: _Call) -> Response:
+        """Generate one image the way ImageRouter's OpenAI-compatible endpoint does.
+
+        Like ImageRouter, the fake ignores fields it does not know, `n` among them, so every request gets
+        one image. Errors are 400 with an OpenAI-shaped body.
+        """
+        started = time.monotonic()
+        body = call.record.body
+        if not isinstance(body, dict):
+            return _openai_error(400, "The request body must be a JSON object.")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return _openai_error(400, "'prompt' is a required parameter")
+        model_id = body.get("model")
+        if not isinstance(model_id, str) or not model_id:
+            return _openai_error(400, "'model' is a required parameter")
+        response_format = body.get("response_format", "url")
+        if response_format not in {"url", "b64_json"}:
+            return _openai_error(400, "'response_format' must be 'url' or 'b64_json'")
+        if body.get("quality", "auto") not in IMAGEROUTER_QUALITIES:
+            return _openai_error(400, "'quality' must be one of 'auto', 'low', 'medium' or 'high'")
+        size = body.get("size", "auto")
+        if size != "auto" and (not isinstance(size, str) or _IMAGEROUTER_SIZE.match(size) is None):
+            return _openai_error(400, "'size' must be in the format 'WIDTHxHEIGHT' (e.g. '1024x768')")
+        model = self.imagerouter_models.get(model_id) if isinstance(self.imagerouter_models, dict) else None
+        if not isinstance(model, dict) or "image" not in model.get("output", []):
+            return _openai_error(400, f"model '{model_id}' is not available")
+        if self.image_response_override is not None:
+            return JSONResponse(self.image_response_override)
+
+        name, image = self._new_image()
+        if (self.image_response_format or response_format) == "b64_json":
+            item = {"b64_json": base64.b64encode(image).decode("ascii")}
+        else:
+            item = {"url": self.image_url(name)}
+        cost = self.imagerouter_cost if self.imagerouter_cost is not None else _imagerouter_price(model)
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": [item],
+                "latency": int((time.monotonic() - started) * 1000),
+                "cost": cost,
+            }
+        )
 
     # -- Anthropic endpoints ---------------------------------------------------------------------------------
 
@@ -1512,6 +1736,87 @@ def _anthropic_limit_problem(model: FakeModel, input_tokens: int, max_tokens: in
             f"{model.context_length}, decrease input length or `max_tokens` and try again"
         )
     return None
+
+
+# -- image helpers -------------------------------------------------------------------------------------------
+
+
+def revise_prompt(prompt: str) -> str:
+    """Return the rewritten prompt that the fake's dall-e-3 reports in `revised_prompt`."""
+    return f"A detailed illustration of {prompt.strip()}"
+
+
+def _openai_image_model_problem(body: dict[str, Any], model_id: Any, prompt: str, count: int) -> Response | None:
+    """Return the 400 that OpenAI gives when the request breaks its model's rules, or None.
+
+    NOTE: OpenAI's exact status and wording for an unknown image model are unverified. The fake returns
+    400 invalid_value on `model`, as it does for other invalid values.
+    """
+    model = OPENAI_IMAGE_MODELS.get(model_id) if isinstance(model_id, str) else None
+    if model is None:
+        supported = ", ".join(f"'{name}'" for name in OPENAI_IMAGE_MODELS)
+        message = f"Invalid value: {model_id!r}. Supported values are: {supported}."
+        return _openai_error(400, message, code="invalid_value", param="model")
+
+    unknown = sorted(model.unknown_parameters & body.keys())
+    if unknown:
+        return _openai_error(400, f"Unknown parameter: '{unknown[0]}'.", code="unknown_parameter", param=unknown[0])
+    if len(prompt) > model.max_prompt_length:
+        message = (
+            f"Invalid 'prompt': string too long. Expected a string with maximum length {model.max_prompt_length}, "
+            f"but got a string with length {len(prompt)} instead."
+        )
+        return _openai_error(400, message, code="string_above_max_length", param="prompt")
+    if count > model.max_images:
+        message = f"Invalid 'n': integer above maximum value. Expected a value <= {model.max_images}, but got {count}."
+        return _openai_error(400, message, code="integer_above_max_value", param="n")
+
+    for param, accepted in (("size", model.sizes), ("quality", model.qualities), ("style", model.styles)):
+        value = body.get(param)
+        if value is not None and value not in accepted:
+            supported = ", ".join(f"'{name}'" for name in accepted)
+            message = f"Invalid value: {value!r}. Supported values are: {supported}."
+            return _openai_error(400, message, code="invalid_value", param=param)
+    return None
+
+
+def _gpt_image_usage(prompt: str, count: int, quality: Any, size: Any) -> dict[str, Any]:
+    """Build gpt-image-1's `usage` block: prompt words as text tokens, and output tokens from the table."""
+    priced_quality = quality if quality in {"low", "medium", "high"} else "medium"
+    priced_size = size if size in {"1024x1536", "1536x1024"} else "1024x1024"
+    input_tokens = count_tokens(prompt)
+    output_tokens = GPT_IMAGE_OUTPUT_TOKENS[(priced_quality, priced_size)] * count
+    return {
+        "total_tokens": input_tokens + output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "input_tokens_details": {"text_tokens": input_tokens, "image_tokens": 0},
+    }
+
+
+def _imagerouter_price(model: dict[str, Any]) -> float:
+    """Return the price ImageRouter charges for one image of `model`: the first provider's fixed value or
+    range average, and 0 when it lists neither."""
+    providers = model.get("providers")
+    pricing = providers[0].get("pricing") if isinstance(providers, list) and providers else None
+    if not isinstance(pricing, dict):
+        return 0.0
+    if isinstance(pricing.get("value"), int | float):
+        return float(pricing["value"])
+    price_range = pricing.get("range")
+    if isinstance(price_range, dict) and isinstance(price_range.get("average"), int | float):
+        return float(price_range["average"])
+    return 0.0
+
+
+# Files above this size are not served by `/files/big-{N}.png` and `/files/stream-{N}.png`.
+MAX_SIZED_FILE_BYTES = 256 * 1024 * 1024
+
+
+def _sized_file_bytes(size: int) -> bytes:
+    """Return `size` bytes that start with the PNG signature (the rest is zeros, so not a valid PNG)."""
+    signature = b"\x89PNG\r\n\x1a\n"
+    return (signature + bytes(max(0, size - len(signature))))[:size]
 
 
 # -- pytest fixtures -----------------------------------------------------------------------------------------
