@@ -141,6 +141,8 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         # Many tests sign up and sign in repeatedly from the one ASGI client address; rate-limit tests
         # turn the limiter on through `settings_overrides`.
         "rate_limit_enabled": False,
+        # Job tests run workers themselves, so that no other test has one polling its database.
+        "run_worker": False,
         "password_hash_time_cost": 1,
         "password_hash_memory_kib": 1024,
         "password_hash_parallelism": 1,

@@ -46,7 +46,7 @@ def test_help_lists_commands(tmp_path: Path) -> None:
     result = run_cli("--help", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
 
     assert result.returncode == 0
-    for command in ("serve", "migrate", "invites", "waitlist", "keys"):
+    for command in ("serve", "worker", "migrate", "invites", "waitlist", "keys"):
         assert command in result.stdout
 
 
@@ -212,6 +212,21 @@ def test_serve_embedded_default_keeps_secrets_across_restarts(tmp_path: Path) ->
     with running_server(environment=environment, cwd=tmp_path) as base_url:
         profile = httpx.get(f"{base_url}/v1/users/profile", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert profile.status_code == 200, profile.text
+
+
+@pytest.mark.parametrize(("arguments", "worker"), [((), "running"), (("--no-worker",), "off")])
+def test_serve_runs_a_job_worker_unless_told_not_to(tmp_path: Path, arguments: tuple[str, ...], worker: str) -> None:
+    with running_server(*arguments, environment=serve_environment(), cwd=tmp_path) as base_url:
+        ready = httpx.get(f"{base_url}/health/ready", timeout=10)
+
+    assert ready.json()["checks"] == {"database": "ok", "worker": worker}
+
+
+def test_worker_refuses_zero_concurrency(tmp_path: Path) -> None:
+    result = run_cli("worker", "--concurrency", "0", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
+
+    assert result.returncode == 2
+    assert "--concurrency" in result.stderr
 
 
 def test_serve_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:

@@ -20,4 +20,4 @@ async def test_health_reports_status_timestamp_version(client: httpx.AsyncClient
 async def test_readiness_checks_database(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/ready")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "worker": "off"}}

@@ -1,4 +1,5 @@
-"""Rate limits on the routes: sign-in, sign-up, password change, waitlist, referral invites and chat messages."""
+"""Rate limits on the routes: sign-in, sign-up, password change, waitlist, referral invites, chat messages and
+job creation."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def settings_overrides() -> dict[str, Any]:
         "rate_limit_waitlist": "1/minute",
         "rate_limit_referral_send": "1/hour",
         "rate_limit_chat_messages": "1/minute",
+        "rate_limit_jobs": "1/minute",
     }
 
 
@@ -147,6 +149,21 @@ async def test_chat_messages_limit_before_lookup(app: FastAPI, unique_email: str
 
         # The limit is checked before the chat is looked up or a provider is called.
         _assert_rate_limited(await client.post(path, json=body, headers=headers))
+
+
+async def test_job_creation_limit_per_user(app: FastAPI, unique_email: str) -> None:
+    async with _client_from(app, "198.51.100.1") as client:
+        headers = auth_headers(await sign_up(client, unique_email))
+        other = auth_headers(await sign_up(client, f"other-{unique_email}"))
+        body = {"job_type": "image_generation", "input_data": {"prompt": "A fox", "model": "dall-e-2"}}
+
+        first = await client.post("/v1/jobs/image-generation", json=body, headers=headers)
+        assert first.json()["code"] == "no_image_provider", first.text
+
+        _assert_rate_limited(await client.post("/v1/jobs/image-generation", json=body, headers=headers))
+        # The count is per user.
+        other_response = await client.post("/v1/jobs/image-generation", json=body, headers=other)
+        assert other_response.json()["code"] == "no_image_provider"
 
 
 @pytest.mark.parametrize("settings_overrides", [{"rate_limit_enabled": False, "rate_limit_signin": "1/minute"}])

@@ -25,6 +25,8 @@ from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
 from pocketllm.errors import register_error_handlers
 from pocketllm.health.router import router as health_router
+from pocketllm.jobs.handlers import build_job_worker
+from pocketllm.jobs.router import router as jobs_router
 from pocketllm.kit.cache import build_cache
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
@@ -117,18 +119,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mail_sender = MailSender(database, settings)
         mail_stop = asyncio.Event()
         mail_task = asyncio.create_task(app.state.mail_sender.run(mail_stop), name="mail-sender")
+        worker_stop = asyncio.Event()
+        worker_task: asyncio.Task[None] | None = None
+        app.state.job_worker = None
+        if settings.run_worker:
+            app.state.job_worker = build_job_worker(settings, database, app.state.storage, app.state.providers)
+            worker_task = asyncio.create_task(app.state.job_worker.run(worker_stop), name="job-worker")
         log.info(
             "app.started",
             version=__version__,
             environment=settings.environment.value,
             database=database.dialect,
             auth_backend=settings.auth_backend.value,
+            worker=settings.run_worker,
         )
         try:
             yield
         finally:
             # `pocketllm serve` has uvicorn wait SHUTDOWN_GRACE_SECONDS for open requests before this runs.
             await app.state.replies.shutdown(timeout=SHUTDOWN_REPLY_WAIT_SECONDS)
+            worker_stop.set()
+            if worker_task is not None:
+                # The worker gives running jobs JOB_SHUTDOWN_GRACE_SECONDS, then releases them to the queue.
+                await worker_task
             mail_stop.set()
             # On timeout wait_for cancels the sender; the message it was sending is retried after its lease.
             with contextlib.suppress(TimeoutError):
@@ -171,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers_router)
     app.include_router(model_configs_router)
     app.include_router(chats_router)
+    app.include_router(jobs_router)
     app.include_router(files_router)
     app.include_router(waitlist_router)
     app.include_router(referral_router)

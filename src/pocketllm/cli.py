@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -48,6 +49,23 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="number of API worker processes (default: %(default)s); use PostgreSQL for more than one",
+    )
+    serve.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="do not run background jobs in the API processes; run `pocketllm worker` for them instead",
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        help="run background jobs (image generation, maintenance) without serving HTTP",
+        description=(
+            "Claim and run background jobs until SIGTERM or SIGINT. Any number of workers, on any hosts, may "
+            "share one PostgreSQL database; with SQLite run the worker inside `pocketllm serve` instead."
+        ),
+    )
+    worker.add_argument(
+        "--concurrency", type=int, default=None, help="jobs run at the same time (default: JOB_CONCURRENCY, 4)"
     )
 
     migrate = commands.add_parser(
@@ -116,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if arguments.command == "serve":
-            return _serve(settings, arguments.host, arguments.port, arguments.workers)
+            return _serve(
+                settings, arguments.host, arguments.port, arguments.workers, run_worker=not arguments.no_worker
+            )
+        if arguments.command == "worker":
+            return _run_worker(settings, arguments.concurrency)
         if arguments.command == "migrate":
             return _migrate(settings, arguments.revision, show=arguments.show)
         if arguments.command == "invites":
@@ -144,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {arguments.command}")
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+def _serve(settings: Settings, host: str, port: int, workers: int, *, run_worker: bool) -> int:
     import uvicorn
 
     if workers < 1:
@@ -161,6 +183,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     if settings.migrate_on_start:
         asyncio.run(_upgrade(settings, "head"))
     os.environ["MIGRATE_ON_START"] = "false"
+    if not run_worker:
+        os.environ["RUN_WORKER"] = "false"
     # Workers re-read the settings; point them at the same data directory and generated secrets.
     os.environ.setdefault("DATA_DIR", str(settings.data_dir))
 
@@ -177,6 +201,41 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     return 0
+
+
+def _run_worker(settings: Settings, concurrency: int | None) -> int:
+    if concurrency is not None and concurrency < 1:
+        print("pocketllm: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    asyncio.run(_work(settings, concurrency))
+    return 0
+
+
+async def _work(settings: Settings, concurrency: int | None) -> None:
+    from pocketllm.app import build_provider_runtime
+    from pocketllm.jobs.handlers import build_job_worker
+    from pocketllm.storage.service import build_storage
+
+    database = Database(
+        create_engine(
+            settings.effective_database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+        )
+    )
+    providers = build_provider_runtime(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        if settings.migrate_on_start:
+            await upgrade_database(database.engine)
+        worker = build_job_worker(settings, database, build_storage(settings), providers, concurrency=concurrency)
+        await worker.run(stop)
+    finally:
+        await providers.close()
+        await database.dispose()
 
 
 def _migrate(settings: Settings, revision: str, *, show: bool) -> int:

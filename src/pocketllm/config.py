@@ -153,6 +153,32 @@ class Settings(BaseSettings):
     referral_resend_cooldown_seconds: int = Field(default=86_400, ge=0, le=30 * 86_400)
     cors_origins: Annotated[list[str], NoDecode] = []
 
+    # Background jobs. `pocketllm serve` runs a worker in the API process unless RUN_WORKER is false (or
+    # `--no-worker` is given); `pocketllm worker` runs workers on their own.
+    run_worker: bool = True
+    # Jobs one worker process runs at the same time.
+    job_concurrency: int = Field(default=4, ge=1, le=256)
+    # An idle worker looks for due jobs this often.
+    job_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    # A worker holds each job for this long and renews the lease every JOB_HEARTBEAT_SECONDS. A job whose
+    # worker died is claimed again once its lease has run out. A cancelled job stops within one heartbeat.
+    job_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    job_heartbeat_seconds: float = Field(default=2.0, gt=0, le=600)
+    # Failed attempts are retried after JOB_RETRY_BASE_SECONDS, doubling each time up to one hour, until
+    # a job has had JOB_MAX_ATTEMPTS attempts.
+    job_max_attempts: int = Field(default=4, ge=1, le=50)
+    job_retry_base_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # On shutdown, running jobs get this long to finish; then they are released for another worker.
+    job_shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    # Limits for one image generation call and for each image it returns.
+    image_timeout_seconds: float = Field(default=180.0, gt=0, le=1800)
+    image_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
+    image_max_pixels: int = Field(default=50_000_000, ge=10_000, le=500_000_000)
+    # How often each maintenance task runs; every worker schedules them, and each period runs once.
+    account_purge_interval_seconds: int = Field(default=3600, ge=10, le=7 * 86_400)
+    session_cleanup_interval_seconds: int = Field(default=3600, ge=10, le=7 * 86_400)
+    job_file_sweep_interval_seconds: int = Field(default=3600, ge=10, le=7 * 86_400)
+
     # Rate limits, in the `limits` notation: "<count>/<period>" or "<count> per <period>", e.g. "10/minute"
     # or "100 per 2 hours". Each counts on a moving window, in Redis when REDIS_URL is set (shared by all
     # processes) and otherwise in each process's memory.
@@ -167,6 +193,7 @@ class Settings(BaseSettings):
     rate_limit_waitlist: str = "5/minute"  # per client address
     rate_limit_referral_send: str = "20/hour"  # per user
     rate_limit_chat_messages: str = "60/minute"  # per user
+    rate_limit_jobs: str = "30/minute"  # image jobs queued, per user
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["console", "json"] = "console"
 
@@ -216,6 +243,7 @@ class Settings(BaseSettings):
         "rate_limit_waitlist",
         "rate_limit_referral_send",
         "rate_limit_chat_messages",
+        "rate_limit_jobs",
     )
     @classmethod
     def _check_rate_limit(cls, value: str, info: ValidationInfo) -> str:
@@ -251,6 +279,15 @@ class Settings(BaseSettings):
                 raise ValueError("SUPABASE_URL is required when AUTH_BACKEND=supabase")
             if not self.supabase_anon_key:
                 raise ValueError("SUPABASE_ANON_KEY is required when AUTH_BACKEND=supabase")
+        return self
+
+    @model_validator(mode="after")
+    def _check_job_heartbeat(self) -> Self:
+        if self.job_heartbeat_seconds >= self.job_lease_seconds:
+            raise ValueError(
+                f"JOB_HEARTBEAT_SECONDS ({self.job_heartbeat_seconds:g}) must be shorter than JOB_LEASE_SECONDS "
+                f"({self.job_lease_seconds:g}), or leases run out while jobs run"
+            )
         return self
 
     @property

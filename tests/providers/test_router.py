@@ -85,7 +85,7 @@ class TestActivate:
         app: Any,
         failure: dict[str, Any],
     ) -> None:
-        app.state.providers.catalogue._timeout_seconds = 1
+        app.state.providers.catalogue.timeout_seconds = 1
         fake_provider.fail_next("/models", **failure)
 
         response = await activate(client, headers, fake_provider)

@@ -45,7 +45,8 @@ async def health() -> HealthResponse:
     responses={503: {"model": ReadinessResponse, "description": "A dependency is unreachable."}},
 )
 async def readiness(request: Request) -> JSONResponse:
-    """Report whether the server can take traffic: the database must answer."""
+    """Report whether the server can take traffic: the database must answer. `checks.worker` tells whether
+    this process runs background jobs."""
     try:
         async with get_database(request).engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -55,5 +56,7 @@ async def readiness(request: Request) -> JSONResponse:
         database = "unreachable"
 
     ready = database == "ok"
-    body = ReadinessResponse(status="ok" if ready else "unavailable", checks={"database": database})
+    # Informational: whether this process runs background jobs (RUN_WORKER); it does not affect readiness.
+    worker = "running" if getattr(request.app.state, "job_worker", None) is not None else "off"
+    body = ReadinessResponse(status="ok" if ready else "unavailable", checks={"database": database, "worker": worker})
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())

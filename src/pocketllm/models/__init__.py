@@ -2,6 +2,7 @@
 
 from pocketllm.models.chat import Chat, StoredMessage
 from pocketllm.models.invite import InviteCode
+from pocketllm.models.job import Job
 from pocketllm.models.mail import OutgoingMail
 from pocketllm.models.model_config import ModelConfig
 from pocketllm.models.profile import Profile
@@ -15,6 +16,7 @@ __all__ = [
     "AuthSession",
     "Chat",
     "InviteCode",
+    "Job",
     "ModelConfig",
     "OutgoingMail",
     "Profile",

@@ -58,8 +58,8 @@ class Catalogue:
     def __init__(self, http: ProviderHttp, cache: JsonCache, *, ttl_seconds: int, timeout_seconds: float) -> None:
         self._http = http
         self._cache = cache
-        self._ttl_seconds = ttl_seconds
-        self._timeout_seconds = timeout_seconds
+        self.ttl_seconds = ttl_seconds
+        self.timeout_seconds = timeout_seconds
 
     async def fetch(self, target: ProviderTarget, *, use_cache: bool = True) -> list[ProviderModel]:
         """Return the provider's normalised catalogue; raises the provider's domain error on failure."""
@@ -77,16 +77,16 @@ class Catalogue:
                     provider=target.provider,
                     models_url=target.models_url,
                     api_key=target.api_key,
-                    timeout=self._timeout_seconds,
+                    timeout=self.timeout_seconds,
                 ),
                 # A paginated list makes several requests; bound the whole fetch, not just each request.
-                timeout=self._timeout_seconds * 2,
+                timeout=self.timeout_seconds * 2,
             )
         except TimeoutError as error:
             raise ProviderTimeout(f"{target.provider} did not list its models in time.") from error
 
         models = normalise_models(target.spec, raw)
-        await self._cache.set(key, [model.model_dump(mode="json") for model in models], self._ttl_seconds)
+        await self._cache.set(key, [model.model_dump(mode="json") for model in models], self.ttl_seconds)
         return models
 
     async def invalidate(self, target: ProviderTarget) -> None:

@@ -1,0 +1,451 @@
+"""Job records for the API: queuing image jobs, listing, cancelling, retrying, and rendering results."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pocketllm.db.types import utcnow
+from pocketllm.errors import Conflict, InvalidInput, NotFound, PocketLLMError
+from pocketllm.jobs.prices import (
+    CostEstimate,
+    ImageRequest,
+    UnknownImageModel,
+    estimate_cost,
+    image_model_listing,
+    imagerouter_image_models,
+    known_image_models,
+    validate_image_request,
+)
+from pocketllm.jobs.schemas import IMAGE_GENERATION, ImageGenerationInput, JobEstimateRequest
+from pocketllm.jobs.schemas import Job as JobSchema
+from pocketllm.models import Job, ProviderConfig
+from pocketllm.models.job import ACTIVE_STATUSES, MAX_IDEMPOTENCY_KEY_LENGTH, JobStatus
+from pocketllm.providers.catalogue import ProviderTarget
+from pocketllm.providers.dependencies import ProviderRuntime
+from pocketllm.providers.registry import PROVIDERS, Capability, get_provider_spec
+from pocketllm.providers.schemas import ProviderModel
+from pocketllm.providers.service import build_target, list_configs
+from pocketllm.storage.service import FileStorage
+
+log = structlog.get_logger(__name__)
+
+# Order in which a provider is picked when the request names none.
+IMAGE_PROVIDER_PREFERENCE = ("openai", "imagerouter", "custom")
+IMAGE_MODELS_CACHE_PREFIX = "image-models:"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+    default_message = "No job with this id exists for your account."
+
+
+class UnsupportedJobType(InvalidInput):
+    code = "unsupported_job_type"
+    default_message = "This route queues image generation jobs only: set job_type to 'image_generation'."
+
+
+class NoImageProvider(InvalidInput):
+    code = "no_image_provider"
+    default_message = (
+        "No active provider can generate images; activate openai, imagerouter or custom with "
+        "POST /v1/providers/activate."
+    )
+
+
+class ProviderNotImageCapable(InvalidInput):
+    code = "provider_not_image_capable"
+
+
+class JobNotRetryable(InvalidInput):
+    code = "job_not_retryable"
+
+
+class InvalidIdempotencyKey(InvalidInput):
+    code = "invalid_idempotency_key"
+    default_message = f"The Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters."
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used for a different request; use a new key."
+
+
+def parse_job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise JobNotFound() from None
+
+
+def check_idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= MAX_IDEMPOTENCY_KEY_LENGTH or any(not "!" <= character <= "~" for character in raw):
+        raise InvalidIdempotencyKey()
+    return raw
+
+
+# Providers and image models
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedProvider:
+    provider: str
+    # None when the user has no active configuration for it (allowed for estimates only).
+    config: ProviderConfig | None
+
+
+def _image_capable(provider: str) -> bool:
+    spec = PROVIDERS.get(provider)
+    return spec is not None and Capability.IMAGES in spec.capabilities
+
+
+async def _active_image_configs(session: AsyncSession, user_id: uuid.UUID) -> dict[str, ProviderConfig]:
+    return {
+        config.provider: config
+        for config in await list_configs(session, user_id)
+        if config.is_active and _image_capable(config.provider)
+    }
+
+
+async def resolve_image_provider(
+    session: AsyncSession, user_id: uuid.UUID, provider: str | None, model: str, *, require_active: bool = True
+) -> ResolvedProvider:
+    """Pick the provider for an image request: the named one, OpenAI for its own models, else the first
+    active image provider. Raises when no suitable provider is active (unless `require_active` is False)."""
+    active = await _active_image_configs(session, user_id)
+    if provider is not None:
+        spec = get_provider_spec(provider)
+        if Capability.IMAGES not in spec.capabilities:
+            raise ProviderNotImageCapable(
+                f"Provider '{spec.id}' cannot generate images; use one of: {', '.join(IMAGE_PROVIDER_PREFERENCE)}."
+            )
+        config = active.get(spec.id)
+        if config is None and require_active:
+            raise NoImageProvider(
+                f"Provider '{spec.id}' is not active for your account; activate it with POST /v1/providers/activate."
+            )
+        return ResolvedProvider(spec.id, config)
+
+    openai_models = {spec.id for spec in known_image_models("openai")}
+    if model in openai_models and ("openai" in active or not require_active):
+        return ResolvedProvider("openai", active.get("openai"))
+    for candidate in IMAGE_PROVIDER_PREFERENCE:
+        if candidate in active and (candidate != "openai" or model in openai_models):
+            return ResolvedProvider(candidate, active[candidate])
+    if "openai" in active and model not in openai_models:
+        # Only OpenAI is active: let validation name OpenAI's models.
+        return ResolvedProvider("openai", active["openai"])
+    raise NoImageProvider()
+
+
+def imagerouter_models_url(target: ProviderTarget) -> str:
+    """ImageRouter lists models at `/v1/models`, beside its OpenAI-compatible API at `/v1/openai`."""
+    if target.spec.models_url and target.base_url == target.spec.default_base_url:
+        return target.spec.models_url
+    return f"{target.base_url.removesuffix('/openai')}/models"
+
+
+async def imagerouter_models(
+    runtime: ProviderRuntime, target: ProviderTarget
+) -> list[tuple[ProviderModel, float | None]]:
+    """ImageRouter's image models with their per-image USD price, cached like model catalogues."""
+    url = imagerouter_models_url(target)
+    material = "\n".join((target.provider, url, target.api_key or ""))
+    cache_key = IMAGE_MODELS_CACHE_PREFIX + hashlib.sha256(material.encode()).hexdigest()
+    cached = await runtime.cache.get(cache_key)
+    if isinstance(cached, list):
+        return [(ProviderModel.model_validate(model), price) for model, price in cached]
+
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else None
+    raw = await runtime.http.request_json(
+        "GET",
+        url,
+        provider=target.provider,
+        secret=target.api_key,
+        headers=headers,
+        timeout=runtime.catalogue.timeout_seconds,
+    )
+    models = imagerouter_image_models(raw)
+    await runtime.cache.set(
+        cache_key, [[model.model_dump(mode="json"), price] for model, price in models], runtime.catalogue.ttl_seconds
+    )
+    return models
+
+
+async def _catalogue_price(
+    runtime: ProviderRuntime, resolved: ResolvedProvider, model: str, *, check_model: bool
+) -> float | None:
+    """The ImageRouter price of `model`; with `check_model`, raise when ImageRouter does not list it.
+
+    When the list cannot be fetched the model is accepted unchecked and no price is known: the provider
+    itself rejects an unknown model when the job runs.
+    """
+    if resolved.provider != "imagerouter" or resolved.config is None:
+        return None
+    target = build_target(PROVIDERS["imagerouter"], resolved.config, runtime.secrets)
+    try:
+        models = await imagerouter_models(runtime, target)
+    except PocketLLMError as error:
+        log.info("images.model_list_failed", provider="imagerouter", code=error.code)
+        return None
+    prices = {entry.id: price for entry, price in models}
+    if model not in prices:
+        if check_model:
+            raise UnknownImageModel(f"ImageRouter does not list an image model named {model[:200]!r}.")
+        return None
+    return prices[model]
+
+
+# Queuing
+
+
+def _image_request(data: ImageGenerationInput) -> ImageRequest:
+    return ImageRequest(
+        prompt=data.prompt, model=data.model, size=data.size, n=data.n, quality=data.quality, style=data.style
+    )
+
+
+def _stored_input(provider: str, request: ImageRequest) -> dict[str, Any]:
+    return {
+        "prompt": request.prompt,
+        "model": request.model,
+        "provider": provider,
+        "size": request.size,
+        "n": request.n,
+        "quality": request.quality,
+        "style": request.style,
+    }
+
+
+async def create_image_job(
+    session: AsyncSession,
+    runtime: ProviderRuntime,
+    user_id: uuid.UUID,
+    *,
+    job_type: str,
+    data: ImageGenerationInput,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+    max_attempts: int,
+) -> tuple[Job, bool]:
+    """Check the request, then queue it. Returns the job and whether it is new.
+
+    With an idempotency key already used for the same request, the existing job is returned instead.
+    """
+    if job_type != IMAGE_GENERATION:
+        raise UnsupportedJobType()
+    resolved = await resolve_image_provider(session, user_id, data.provider, data.model)
+    request = validate_image_request(resolved.provider, _image_request(data))
+    await _catalogue_price(runtime, resolved, request.model, check_model=True)
+    input_data = _stored_input(resolved.provider, request)
+
+    if idempotency_key is not None:
+        existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, input_data), False
+
+    now = utcnow()
+    job = Job(
+        id=uuid.uuid4(),
+        user_id=user_id,
+        job_type=IMAGE_GENERATION,
+        status=JobStatus.PENDING.value,
+        input_data=input_data,
+        extra_metadata=metadata,
+        idempotency_key=idempotency_key,
+        attempts=0,
+        max_attempts=max_attempts,
+        run_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        async with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        # A concurrent request with the same key won; it has committed by now.
+        if idempotency_key is None:
+            raise
+        existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
+        if existing is None:
+            raise
+        return _same_request(existing, input_data), False
+    log.info("job.queued", job_id=str(job.id), job_type=job.job_type, provider=resolved.provider)
+    return job, True
+
+
+async def _find_by_idempotency_key(session: AsyncSession, user_id: uuid.UUID, key: str) -> Job | None:
+    return await session.scalar(select(Job).where(Job.user_id == user_id, Job.idempotency_key == key))
+
+
+def _same_request(existing: Job, input_data: dict[str, Any]) -> Job:
+    if existing.input_data != input_data:
+        raise IdempotencyKeyReused()
+    return existing
+
+
+async def estimate(
+    session: AsyncSession, runtime: ProviderRuntime, user_id: uuid.UUID, payload: JobEstimateRequest
+) -> CostEstimate:
+    size = payload.size
+    if payload.dimensions is not None:
+        size = f"{payload.dimensions[0]}x{payload.dimensions[1]}"
+    resolved = await resolve_image_provider(session, user_id, payload.provider, payload.model, require_active=False)
+    request = validate_image_request(
+        resolved.provider,
+        ImageRequest(
+            # The prompt does not change the price; any non-empty text passes validation.
+            prompt="estimate",
+            model=payload.model,
+            size=size,
+            n=payload.n,
+            quality=payload.quality,
+            style=payload.style,
+        ),
+    )
+    price = await _catalogue_price(runtime, resolved, request.model, check_model=False)
+    return estimate_cost(resolved.provider, request, catalogue_price_usd=price)
+
+
+async def list_image_models(session: AsyncSession, runtime: ProviderRuntime, user_id: uuid.UUID) -> list[ProviderModel]:
+    """The image models of the caller's active providers. A provider whose list fails is left out."""
+    active = await _active_image_configs(session, user_id)
+    models: list[ProviderModel] = []
+    for provider in IMAGE_PROVIDER_PREFERENCE:
+        config = active.get(provider)
+        if config is None:
+            continue
+        if provider == "imagerouter":
+            target = build_target(PROVIDERS[provider], config, runtime.secrets)
+            try:
+                listed = await imagerouter_models(runtime, target)
+            except PocketLLMError as error:
+                log.info("images.model_list_failed", provider=provider, code=error.code)
+                continue
+            models.extend(model for model, _ in listed)
+        else:
+            models.extend(image_model_listing(provider))
+    return models
+
+
+# Reading and changing jobs
+
+
+async def list_jobs(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    *,
+    status: str | None,
+    job_type: str | None,
+    limit: int,
+    offset: int,
+) -> Sequence[Job]:
+    query = select(Job).where(Job.user_id == user_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if job_type is not None:
+        query = query.where(Job.job_type == job_type)
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    return list(await session.scalars(query))
+
+
+async def get_job(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID, *, for_update: bool = False) -> Job:
+    query = select(Job).where(Job.id == job_id, Job.user_id == user_id)
+    if for_update:
+        query = query.with_for_update()
+    job = await session.scalar(query)
+    if job is None:
+        raise JobNotFound()
+    return job
+
+
+async def cancel_or_delete(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+    """Cancel an active job, or delete a finished one. Returns True when the record was deleted, and its
+    files must then be deleted after the commit."""
+    job = await get_job(session, user_id, job_id, for_update=True)
+    now = utcnow()
+    if job.status in ACTIVE_STATUSES:
+        # Clearing the lease token makes the running worker's next lease renewal fail, which stops it.
+        job.status = JobStatus.CANCELLED.value
+        job.lease_token = None
+        job.finished_at = now
+        job.updated_at = now
+        await session.flush()
+        log.info("job.cancelled", job_id=str(job.id))
+        return False
+    await session.delete(job)
+    await session.flush()
+    log.info("job.deleted", job_id=str(job.id))
+    return True
+
+
+async def retry(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = await get_job(session, user_id, job_id, for_update=True)
+    if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+        raise JobNotRetryable(f"Only failed or cancelled jobs can be retried; this job is {job.status}.")
+    now = utcnow()
+    job.status = JobStatus.PENDING.value
+    job.attempts = 0
+    job.run_at = now
+    job.lease_token = None
+    job.worker_id = None
+    job.output_data = None
+    job.error_log = None
+    job.started_at = None
+    job.finished_at = None
+    job.updated_at = now
+    await session.flush()
+    log.info("job.retried", job_id=str(job.id))
+    return job
+
+
+def job_files_prefix(job_id: uuid.UUID) -> str:
+    return f"jobs/{job_id}/"
+
+
+def render_job(job: Job, storage: FileStorage, base_url: str) -> JobSchema:
+    """The API view of a job, with a freshly signed URL for every stored image."""
+    assert job.user_id is not None
+    return JobSchema(
+        id=job.id,
+        user_id=job.user_id,
+        job_type=job.job_type,
+        status=job.status,
+        input_data=job.input_data,
+        output_data=render_output(job.output_data, storage, base_url),
+        error_log=job.error_log,
+        metadata=job.extra_metadata,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def render_output(output: dict[str, Any] | None, storage: FileStorage, base_url: str) -> dict[str, Any] | None:
+    if output is None:
+        return None
+    rendered = dict(output)
+    images = output.get("images")
+    if isinstance(images, list):
+        rendered["images"] = [_render_image(image, storage, base_url) for image in images if isinstance(image, dict)]
+    return rendered
+
+
+def _render_image(image: dict[str, Any], storage: FileStorage, base_url: str) -> dict[str, Any]:
+    rendered = {name: value for name, value in image.items() if name != "key"}
+    key = image.get("key")
+    rendered["url"] = storage.url_for(key, base_url=base_url) if isinstance(key, str) else None
+    return rendered
