@@ -30,8 +30,10 @@ from pocketllm.jobs.router import router as jobs_router
 from pocketllm.kit.cache import build_cache
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
+from pocketllm.kit.metrics import install_metrics
 from pocketllm.kit.ratelimit import build_rate_limiter, parse_trusted_proxies
 from pocketllm.kit.request_id import RequestIdMiddleware
+from pocketllm.kit.security import install_security
 from pocketllm.mail import MailSender
 from pocketllm.model_configs.router import router as model_configs_router
 from pocketllm.providers.catalogue import Catalogue
@@ -176,6 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Request-ID"],
         )
+    install_security(app, settings)
+    install_metrics(app, settings)
     app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health_router)

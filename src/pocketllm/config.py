@@ -194,6 +194,11 @@ class Settings(BaseSettings):
     rate_limit_referral_send: str = "20/hour"  # per user
     rate_limit_chat_messages: str = "60/minute"  # per user
     rate_limit_jobs: str = "30/minute"  # image jobs queued, per user
+    # Prometheus metrics at GET /metrics. Expose that path only to your monitoring network.
+    metrics_enabled: bool = True
+    # Strict-Transport-Security max-age sent on every response; 0 sends no header. Set it once the server is
+    # only reachable over HTTPS (behind a TLS proxy).
+    hsts_max_age_seconds: int = Field(default=0, ge=0, le=2 * 365 * 86_400)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["console", "json"] = "console"
 
