@@ -32,7 +32,7 @@ docs/configuration.md). Without any, the server keeps its SQLite database and ge
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketllm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -119,7 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _build_parser().parse_args(argv)
+    arguments = build_parser().parse_args(argv)
 
     if arguments.command == "keys" and arguments.keys_command == "generate":
         print(Fernet.generate_key().decode())
