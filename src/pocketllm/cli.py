@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run background jobs (image generation, maintenance) without serving HTTP",
         description=(
             "Claim and run background jobs until SIGTERM or SIGINT. Any number of workers, on any hosts, may "
-            "share one PostgreSQL database; with SQLite run the worker inside `pocketllm serve` instead."
+            "share one PostgreSQL database. On SQLite, run one worker on the same machine as the server "
+            "(`pocketllm serve --no-worker`), or keep the worker inside `pocketllm serve`."
         ),
     )
     worker.add_argument(

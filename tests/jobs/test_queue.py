@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 
 from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.types import utcnow
-from pocketllm.jobs.queue import INTERRUPTED_ERROR, MAX_RETRY_DELAY_SECONDS, JobQueue, retry_delay
+from pocketllm.jobs.queue import INTERRUPTED_ERROR, MAX_RETRY_DELAY_SECONDS, JobQueue, retry_delay, storable_json
 from pocketllm.models import Job, User
 from pocketllm.models.job import MAX_ERROR_LOG_LENGTH, JobStatus
 
@@ -496,3 +496,9 @@ async def test_depth_counts_pending_jobs(database: Database, queue: JobQueue, no
     await insert_job(database, run_at=now, status=JobStatus.COMPLETED)
 
     assert await queue.depth() == 2
+
+
+def test_storable_json_cleans_what_databases_reject() -> None:
+    value = {"text\x00": ["a\x00b", "c\ud800d"], "inf": float("inf"), "nan": float("nan"), "n": 3, "ok": 1.5}
+
+    assert storable_json(value) == {"text": ["ab", "c?d"], "inf": None, "nan": None, "n": 3, "ok": 1.5}

@@ -19,7 +19,7 @@ from pocketllm.db.types import utcnow
 from pocketllm.jobs.handlers import build_job_worker
 from pocketllm.jobs.worker import JobWorker
 from pocketllm.models import Job
-from tests.fakes.provider import VALID_API_KEY, FakeProvider
+from tests.fakes.provider import VALID_API_KEY, FakeProvider, make_image
 from tests.helpers import auth_headers, sign_up
 
 JOBS = "/v1/jobs"
@@ -525,6 +525,7 @@ async def test_server_error_retried(
     job = await get_job(client, headers, job_id)
     assert job["status"] == "completed"
     assert job["attempts"] == 2
+    assert job["error_log"] is None
 
 
 async def test_rate_limit_waits_retry_after(
@@ -628,6 +629,70 @@ async def test_junk_response_retried_then_fails(
     assert job["status"] == "failed"
     assert job["attempts"] == 3
     assert job["output_data"] is None
+
+
+async def test_unstorable_provider_text_is_cleaned(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, worker: JobWorker
+) -> None:
+    await activate(client, headers, "openai", fake_provider.openai_base_url)
+    fake_provider.strict_image_models = False
+    png = base64.b64encode(make_image(8, 8, (1, 2, 3))).decode()
+    fake_provider.image_response_override = {
+        "data": [{"b64_json": png, "revised_prompt": "a\x00b"}],
+        "usage": {"note": "x\x00y"},
+    }
+    job_id = (await queue_job(client, headers, model="dall-e-3", size="1024x1024"))["job_id"]
+
+    await worker.run_due()
+
+    job = await get_job(client, headers, job_id)
+    assert job["status"] == "completed", job
+    assert job["attempts"] == 1
+    assert job["output_data"]["revised_prompt"] == "ab"
+    assert job["output_data"]["usage"] == {"note": "xy"}
+
+
+async def test_absurd_reported_cost_is_unknown(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, worker: JobWorker
+) -> None:
+    await activate(client, headers, "imagerouter", fake_provider.imagerouter_base_url)
+    fake_provider.imagerouter_cost = 1e308
+    job_id = (await queue_job(client, headers, model="test/fixed-image", size=None))["job_id"]
+
+    await worker.run_due()
+
+    job = await get_job(client, headers, job_id)
+    assert job["status"] == "completed", job
+    assert job["output_data"]["cost"] is None
+
+
+async def test_fewer_images_than_requested_are_recorded(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, worker: JobWorker
+) -> None:
+    await activate(client, headers, "openai", fake_provider.openai_base_url)
+    png = base64.b64encode(make_image(8, 8, (1, 2, 3))).decode()
+    fake_provider.image_response_override = {"data": [{"b64_json": png}]}
+    job_id = (await queue_job(client, headers, n=3))["job_id"]
+
+    await worker.run_due()
+
+    output = (await get_job(client, headers, job_id))["output_data"]
+    assert output["images_requested"] == 3
+    assert len(output["images"]) == 1
+    assert output["cost"]["usd"] == pytest.approx(0.016)
+
+
+async def test_imagerouter_with_own_base_url_is_verified(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+) -> None:
+    response = await client.post(
+        "/v1/providers/activate",
+        headers=headers,
+        json={"provider": "imagerouter", "api_key": VALID_API_KEY, "base_url": fake_provider.imagerouter_base_url},
+    )
+
+    assert response.status_code == 200, response.text
+    assert fake_provider.last_request("/models").path == "/imagerouter/v1/models"
 
 
 # Models and estimates

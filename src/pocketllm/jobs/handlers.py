@@ -129,6 +129,8 @@ def _output(provider: str, request: ImageRequest, result: ImageResult, keys: lis
     return {
         "provider": provider,
         "model": request.model,
+        # A provider may return fewer images than requested; the cost covers those returned.
+        "images_requested": request.n,
         "images": images,
         "revised_prompt": revised,
         "cost": cost,

@@ -17,6 +17,8 @@ from pocketllm.providers.schemas import ProviderModel
 
 # One credit is a tenth of a US cent, so 1 USD is 1000 credits.
 CREDITS_PER_USD = 1000
+# No single image request costs anywhere near this; a larger reported cost is treated as unknown.
+MAX_USD_AMOUNT = 10_000.0
 PRICE_SOURCE = "https://openai.com/api/pricing/"
 # The date OpenAI published the gpt-image-1 prices, the newest entries of the table. The DALL-E prices are
 # older and were unchanged on that date.
@@ -358,10 +360,13 @@ def estimate_cost(provider: str, request: ImageRequest, *, catalogue_price_usd: 
 
 
 def usd_amount(value: Any) -> float | None:
-    """Return `value` as a float when it is a finite, non-negative number (not a bool), else None."""
+    """Return `value` as a float when it is a number (not a bool) from 0 to MAX_USD_AMOUNT, else None.
+
+    The cap keeps a provider's absurd figure from overflowing when it is converted to credits.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+    return float(value) if math.isfinite(value) and 0 <= value <= MAX_USD_AMOUNT else None
 
 
 # -- model lists ---------------------------------------------------------------------------------------------

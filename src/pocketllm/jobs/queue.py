@@ -15,6 +15,7 @@ takes the job again, or marks it failed when it has no attempts left.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,8 +62,32 @@ def retry_delay(attempt: int, base_seconds: float) -> timedelta:
     return timedelta(seconds=min(base_seconds * 2**exponent, MAX_RETRY_DELAY_SECONDS))
 
 
+def storable_text(text: str) -> str:
+    """Return `text` without NUL characters and unpaired surrogates, which PostgreSQL cannot store."""
+    text = text.replace("\x00", "")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def storable_json(value: Any) -> Any:
+    """Return a copy of `value` that both databases can store as JSON.
+
+    Provider responses end up in job results, and they can contain NUL characters, unpaired surrogates or
+    numbers too large for JSON (infinity after a conversion). Strings are cleaned like `storable_text`,
+    and numbers that are not finite become None.
+    """
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {storable_text(str(key)): storable_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_json(item) for item in value]
+    return value
+
+
 def clip_error(text: str) -> str:
-    text = " ".join(text.split())
+    text = " ".join(storable_text(text).split())
     if len(text) > MAX_ERROR_LOG_LENGTH:
         text = text[: MAX_ERROR_LOG_LENGTH - 1] + "…"
     return text
@@ -144,7 +169,9 @@ class JobQueue:
             .where(*_held(job))
             .values(
                 status=JobStatus.COMPLETED.value,
-                output_data=output_data,
+                output_data=storable_json(output_data),
+                # The failures of earlier attempts no longer describe the job.
+                error_log=None,
                 lease_token=None,
                 finished_at=now,
                 updated_at=now,

@@ -148,18 +148,11 @@ async def resolve_image_provider(
     raise NoImageProvider()
 
 
-def imagerouter_models_url(target: ProviderTarget) -> str:
-    """ImageRouter lists models at `/v1/models`, beside its OpenAI-compatible API at `/v1/openai`."""
-    if target.spec.models_url and target.base_url == target.spec.default_base_url:
-        return target.spec.models_url
-    return f"{target.base_url.removesuffix('/openai')}/models"
-
-
 async def imagerouter_models(
     runtime: ProviderRuntime, target: ProviderTarget
 ) -> list[tuple[ProviderModel, float | None]]:
     """ImageRouter's image models with their per-image USD price, cached like model catalogues."""
-    url = imagerouter_models_url(target)
+    url = target.models_url
     material = "\n".join((target.provider, url, target.api_key or ""))
     cache_key = IMAGE_MODELS_CACHE_PREFIX + hashlib.sha256(material.encode()).hexdigest()
     cached = await runtime.cache.get(cache_key)

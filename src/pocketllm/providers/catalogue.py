@@ -40,9 +40,8 @@ class ProviderTarget:
 
     @property
     def models_url(self) -> str:
-        # A custom base URL replaces the registry's separate model-list URL too.
-        if self.spec.models_url and self.base_url == self.spec.default_base_url:
-            return self.spec.models_url
+        if self.spec.models_url:
+            return _models_url_beside(self.spec, self.base_url)
         if self.spec.protocol is Protocol.ANTHROPIC:
             return f"{self.base_url}/v1/models"
         return f"{self.base_url}/models"
@@ -52,6 +51,28 @@ class ProviderTarget:
         # key itself never reaches the cache.
         material = "\n".join((self.provider, self.base_url, self.models_url, self.api_key or ""))
         return "catalogue:" + hashlib.sha256(material.encode()).hexdigest()
+
+
+def _models_url_beside(spec: ProviderSpec, base_url: str) -> str:
+    """Return the model-list URL of a provider whose list lives apart from its API base URL.
+
+    ImageRouter serves its OpenAI-compatible API at `.../v1/openai` and its model list at `.../v1/models`.
+    A custom base URL (a proxy, a test server) keeps that layout: the part of the default base URL after
+    the part it shares with the default model-list URL is replaced by the rest of the model-list URL.
+    """
+    assert spec.models_url is not None
+    assert spec.default_base_url is not None
+    if base_url == spec.default_base_url:
+        return spec.models_url
+    default_base, default_models = spec.default_base_url, spec.models_url
+    shared = 0
+    while shared < min(len(default_base), len(default_models)) and default_base[shared] == default_models[shared]:
+        shared += 1
+    shared = default_base.rfind("/", 0, shared + 1) + 1
+    base_suffix, models_suffix = default_base[shared:], default_models[shared:]
+    if base_suffix and base_url.endswith("/" + base_suffix):
+        return base_url[: -len(base_suffix)] + models_suffix
+    return f"{base_url}/models"
 
 
 class Catalogue:
