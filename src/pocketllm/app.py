@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
 
 import httpx
 import structlog
@@ -23,7 +24,7 @@ from pocketllm.config import AuthBackend as AuthBackendName
 from pocketllm.config import Settings, load_settings, resolve_settings
 from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
-from pocketllm.errors import register_error_handlers
+from pocketllm.errors import ErrorBody, register_error_handlers
 from pocketllm.health.router import router as health_router
 from pocketllm.jobs.handlers import build_job_worker
 from pocketllm.jobs.router import router as jobs_router
@@ -182,17 +183,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, settings)
     app.add_middleware(RequestIdMiddleware)
 
-    app.include_router(health_router)
-    app.include_router(auth_router)
-    app.include_router(users_router)
-    app.include_router(providers_router)
-    app.include_router(model_configs_router)
-    app.include_router(chats_router)
-    app.include_router(jobs_router)
-    app.include_router(files_router)
-    app.include_router(waitlist_router)
-    app.include_router(referral_router)
-    app.include_router(legacy_referral_router)
+    # Every route has a request body limit (kit/routing.py), so every route can answer 413.
+    too_large: dict[int | str, dict[str, Any]] = {
+        413: {"model": ErrorBody, "description": "payload_too_large: the request body is over the limit."}
+    }
+    for router in (
+        health_router,
+        auth_router,
+        users_router,
+        providers_router,
+        model_configs_router,
+        chats_router,
+        jobs_router,
+        files_router,
+        waitlist_router,
+        referral_router,
+        legacy_referral_router,
+    ):
+        app.include_router(router, responses=too_large)
     return app
 
 

@@ -82,6 +82,18 @@ class ServiceUnavailable(PocketLLMError):
     code = "service_unavailable"
 
 
+class UnparsableBody(PocketLLMError):
+    """A request body that FastAPI cannot decode at all, such as bytes that are not UTF-8 text.
+
+    FastAPI raises its own HTTPException(400) for it, which the HTTP exception handler renders with the code
+    `bad_request`. No code raises this class. Routes list it in `error_responses`, so OpenAPI shows that 400.
+    """
+
+    status_code = 400
+    code = "bad_request"
+    default_message = "There was an error parsing the body"
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -98,15 +110,24 @@ class ValidationErrorBody(BaseModel):
 
 
 def error_responses(*errors: type[PocketLLMError]) -> dict[int | str, dict[str, Any]]:
-    """Build the OpenAPI `responses` entry listing the domain errors a route can return."""
+    """Build the OpenAPI `responses` entry listing the domain errors a route can return.
+
+    A 422 entry replaces FastAPI's own request validation entry, so it documents both bodies: ErrorBody
+    for the domain errors and ValidationErrorBody for request validation errors.
+    """
     by_status: dict[int, list[type[PocketLLMError]]] = {}
     for error in errors:
         by_status.setdefault(error.status_code, []).append(error)
 
     responses: dict[int | str, dict[str, Any]] = {}
     for status, classes in sorted(by_status.items()):
-        codes = ", ".join(sorted({error.code for error in classes}))
-        responses[status] = {"model": ErrorBody, "description": f"Error codes: {codes}."}
+        codes = sorted({error.code for error in classes})
+        if status == 422:
+            codes = sorted({*codes, "validation_error"})
+            model: Any = ErrorBody | ValidationErrorBody
+        else:
+            model = ErrorBody
+        responses[status] = {"model": model, "description": f"Error codes: {', '.join(codes)}."}
     return responses
 
 

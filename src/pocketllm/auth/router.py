@@ -37,7 +37,14 @@ from pocketllm.auth.schemas import (
     SignUpResponse,
 )
 from pocketllm.db.dependencies import DbSession
-from pocketllm.errors import InvalidInput, NotAuthenticated, RateLimited, UpstreamError, error_responses
+from pocketllm.errors import (
+    InvalidInput,
+    NotAuthenticated,
+    RateLimited,
+    UnparsableBody,
+    UpstreamError,
+    error_responses,
+)
 from pocketllm.kit.ratelimit import ClientAddress, Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.referrals import service as referrals
@@ -69,6 +76,7 @@ class InviteCodeNotFound(InvalidInput):
         AccountMismatch,
         RateLimited,
         UpstreamError,
+        UnparsableBody,
     ),
 )
 async def sign_up(
@@ -88,7 +96,7 @@ async def sign_up(
     "/signin",
     response_model=SignInResponse,
     responses=error_responses(
-        service.InvalidCredentials, EmailNotConfirmed, AccountMismatch, RateLimited, UpstreamError
+        service.InvalidCredentials, EmailNotConfirmed, AccountMismatch, RateLimited, UpstreamError, UnparsableBody
     ),
 )
 async def sign_in(
@@ -119,14 +127,14 @@ def _rate_limit_email_key(email: str) -> str:
 @router.post(
     "/refresh",
     response_model=RefreshTokenResponse,
-    responses=error_responses(RefreshTokenInvalid, RateLimited, UpstreamError),
+    responses=error_responses(RefreshTokenInvalid, RateLimited, UpstreamError, UnparsableBody),
 )
 async def refresh(payload: RefreshTokenRequest, backend: Backend) -> RefreshTokenResponse:
     """Exchange a refresh token for a new access token."""
     return await backend.refresh(payload.refresh_token)
 
 
-@router.post("/signout", response_model=SignOutResponse, responses=error_responses(NotAuthenticated))
+@router.post("/signout", response_model=SignOutResponse, responses=error_responses(NotAuthenticated, UnparsableBody))
 async def sign_out(
     user: CurrentUser, backend: Backend, payload: Annotated[SignOutRequest | None, Body()] = None
 ) -> SignOutResponse:
@@ -146,6 +154,7 @@ async def sign_out(
         ReauthenticationRequired,
         RateLimited,
         UpstreamError,
+        UnparsableBody,
     ),
 )
 async def change_password(
@@ -159,7 +168,7 @@ async def change_password(
 @router.post(
     "/validate-invite-code",
     response_model=InviteCodeValidationResponse,
-    responses=error_responses(InviteCodeNotFound),
+    responses=error_responses(InviteCodeNotFound, UnparsableBody),
 )
 async def validate_invite_code(
     payload: InviteCodeValidationRequest, session: DbSession
@@ -191,19 +200,34 @@ def _coming_soon(feature: str, what: str) -> AuthFeatureAvailabilityResponse:
     )
 
 
-@router.post("/signin/magic-link", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+@router.post(
+    "/signin/magic-link",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AuthFeatureAvailabilityResponse,
+    responses=error_responses(UnparsableBody),
+)
 async def magic_link(payload: MagicLinkRequest) -> AuthFeatureAvailabilityResponse:
     """Announce the upcoming passwordless e-mail sign-in; nothing is sent."""
     return _coming_soon("magic_link", "Magic-link sign-in")
 
 
-@router.post("/signin/otp", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+@router.post(
+    "/signin/otp",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AuthFeatureAvailabilityResponse,
+    responses=error_responses(UnparsableBody),
+)
 async def phone_otp(payload: PhoneOtpRequest) -> AuthFeatureAvailabilityResponse:
     """Announce the upcoming SMS one-time-passcode sign-in; nothing is sent."""
     return _coming_soon("sms_otp", "SMS one-time-passcode sign-in")
 
 
-@router.post("/signin/oauth", status_code=status.HTTP_202_ACCEPTED, response_model=AuthFeatureAvailabilityResponse)
+@router.post(
+    "/signin/oauth",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AuthFeatureAvailabilityResponse,
+    responses=error_responses(UnparsableBody),
+)
 async def oauth(payload: OAuthProviderRequest) -> AuthFeatureAvailabilityResponse:
     """Announce upcoming sign-in through a third-party OAuth provider."""
     provider = payload.provider.lower()

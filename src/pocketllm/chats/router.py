@@ -17,7 +17,7 @@ from pocketllm.chats import service
 from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
 from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
 from pocketllm.db.dependencies import DbSession
-from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, error_responses
+from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.model_configs.service import ModelConfigNotFound
@@ -52,6 +52,7 @@ _REPLY_ERRORS = (
     ProviderTimeout,
     ReplyInterrupted,
     RateLimited,
+    UnparsableBody,
 )
 _STREAM_DESCRIPTION = (
     "With `stream: true`: a text/event-stream of `user_message`, `delta`, `assistant_message` and `error` "
@@ -80,7 +81,7 @@ async def list_chats(
     "",
     response_model=ChatSummary,
     status_code=status.HTTP_200_OK,
-    responses=error_responses(NotAuthenticated, ModelConfigNotFound),
+    responses=error_responses(NotAuthenticated, ModelConfigNotFound, UnparsableBody),
 )
 async def create_chat(user: CurrentUser, session: DbSession, payload: ChatCreate | None = None) -> ChatSummary:
     """Create a chat; it may exist before the user has any model, which is resolved when a message is sent."""
@@ -115,7 +116,7 @@ async def get_chat(chat_id: str, user: CurrentUser, session: DbSession) -> ChatW
 @router.put(
     "/{chat_id}",
     response_model=ChatSummary,
-    responses=error_responses(NotAuthenticated, service.ChatNotFound, ModelConfigNotFound),
+    responses=error_responses(NotAuthenticated, service.ChatNotFound, ModelConfigNotFound, UnparsableBody),
 )
 async def update_chat(chat_id: str, payload: ChatUpdate, user: CurrentUser, session: DbSession) -> ChatSummary:
     """Rename the chat or change its model configuration (`null` falls back to the default model)."""
@@ -221,7 +222,7 @@ def _streaming_response(request: Request, prepared: PreparedReply, user: Princip
         events(),
         media_type="text/event-stream",
         # no-transform and X-Accel-Buffering keep proxies from buffering the stream.
-        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"},
     )
 
 

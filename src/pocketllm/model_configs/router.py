@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
-from pocketllm.errors import InvalidInput, NotAuthenticated, error_responses
+from pocketllm.errors import InvalidInput, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.model_configs import service
 from pocketllm.model_configs.schemas import (
@@ -101,6 +101,7 @@ async def list_saved(user: CurrentUser, session: DbSession) -> list[ModelConfigu
         ProviderRateLimited,
         ProviderRequestFailed,
         ProviderTimeout,
+        UnparsableBody,
     ),
 )
 async def import_models(
@@ -164,7 +165,7 @@ async def get_model(model_id: str, user: CurrentUser, session: DbSession) -> Mod
 @router.patch(
     "/{model_id}",
     response_model=ModelConfiguration,
-    responses=error_responses(NotAuthenticated, service.ModelConfigNotFound),
+    responses=error_responses(NotAuthenticated, service.ModelConfigNotFound, UnparsableBody),
 )
 async def update_model(
     model_id: str, payload: ModelConfigurationUpdate, user: CurrentUser, session: DbSession
@@ -202,7 +203,7 @@ async def delete_model(model_id: str, user: CurrentUser, session: DbSession) -> 
 @router.post(
     "/{model_id}/default",
     response_model=ModelConfiguration,
-    responses=error_responses(NotAuthenticated, service.ModelConfigNotFound),
+    responses=error_responses(NotAuthenticated, service.ModelConfigNotFound, UnparsableBody),
 )
 async def set_default(
     model_id: str,

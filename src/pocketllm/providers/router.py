@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Response, status
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.db.types import utcnow
-from pocketllm.errors import NotAuthenticated, error_responses
+from pocketllm.errors import NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.providers import service
 from pocketllm.providers.catalogue import ProviderTarget
@@ -47,6 +47,7 @@ _SAVE_ERRORS = (
     ProviderAuthFailed,
     ProviderUnreachable,
     ProviderUrlNotAllowed,
+    UnparsableBody,
 )
 _CATALOGUE_ERRORS = (
     NotAuthenticated,

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, status
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.auth.emails import InvalidEmail, canonicalize_email
 from pocketllm.db.dependencies import Db, DbSession
-from pocketllm.errors import NotAuthenticated, RateLimited, error_responses
+from pocketllm.errors import NotAuthenticated, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import ClientAddress, Limiter
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.referrals import service
@@ -39,7 +39,7 @@ legacy_referral_router = APIRouter(prefix="/v1/v1/referral", include_in_schema=F
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=WaitlistEntry,
-    responses=error_responses(InvalidEmail, RateLimited),
+    responses=error_responses(InvalidEmail, RateLimited, UnparsableBody),
 )
 async def submit_waitlist_entry(
     payload: WaitlistEntryCreate, session: DbSession, limiter: Limiter, address: ClientAddress, request: Request
@@ -108,6 +108,7 @@ _SEND_ERRORS = error_responses(
     service.AlreadyRegistered,
     service.PersonalCodeUnusable,
     RateLimited,
+    UnparsableBody,
 )
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Request, UploadFile
 from pocketllm.auth import service as auth_service
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
-from pocketllm.errors import Forbidden, NotAuthenticated, error_responses
+from pocketllm.errors import Forbidden, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.models import Profile, User
 from pocketllm.storage.service import FileStorage, new_key
@@ -65,7 +65,7 @@ async def get_profile(user: CurrentUser, session: DbSession, request: Request) -
 @router.put(
     "/profile",
     response_model=UserProfile,
-    responses=error_responses(NotAuthenticated, service.ProfileNotFound, service.UsernameTaken),
+    responses=error_responses(NotAuthenticated, service.ProfileNotFound, service.UsernameTaken, UnparsableBody),
 )
 async def update_profile(payload: UserProfileUpdate, user: CurrentUser, database: Db, request: Request) -> UserProfile:
     """Change the fields sent; omitted fields stay and an explicit null clears one."""
@@ -83,7 +83,7 @@ async def _apply_update(payload: UserProfileUpdate, user_id: uuid.UUID, database
 @router.post(
     "/profile/onboarding",
     response_model=UserProfile,
-    responses=error_responses(NotAuthenticated, service.ProfileNotFound, service.UsernameTaken),
+    responses=error_responses(NotAuthenticated, service.ProfileNotFound, service.UsernameTaken, UnparsableBody),
 )
 async def submit_onboarding(
     payload: OnboardingSurvey, user: CurrentUser, database: Db, request: Request
