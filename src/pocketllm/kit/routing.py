@@ -1,37 +1,149 @@
-"""The route class every router uses: checks that JSON request bodies can be stored before handlers run."""
+"""The route class every router uses, and the request body size limits.
+
+Each route has a body size limit. Routes that take a JSON body allow MAX_JSON_BODY_BYTES, and file uploads
+allow the avatar limit plus MULTIPART_OVERHEAD_BYTES. Routes that take no body, and requests that reach no
+JsonBodyRoute at all, allow DEFAULT_MAX_BODY_BYTES. The limit is enforced on the ASGI `receive` channel,
+so a declared Content-Length over it is rejected before any of the body is read, and a chunked body
+without Content-Length is cut off as soon as the bytes received pass it.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Request, Response, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-
-from pocketllm.errors import PocketLLMError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Chat messages are the largest JSON bodies (100,000 characters, up to four bytes each in UTF-8).
 MAX_JSON_BODY_BYTES = 1024 * 1024
+# For routes that take no body. The shipped client sends `{}` to some of them.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+# Added to the AVATAR_MAX_BYTES setting for an upload: the multipart boundaries, part headers and file name.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_BODY_LIMIT_SCOPE_KEY = "pocketllm.body_limit"
 
 
-class PayloadTooLarge(PocketLLMError):
-    status_code = 413
-    code = "payload_too_large"
-    default_message = f"The request body is larger than {MAX_JSON_BODY_BYTES // 1024} KiB."
+class PayloadTooLarge(HTTPException):
+    """A request body over its route's limit: 413 with the code `payload_too_large`.
+
+    It is an HTTPException because FastAPI re-raises those from body parsing, where any other exception
+    becomes a 400 "error parsing the body".
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"The request body is larger than {format_bytes(max_bytes)}, the limit for this route. "
+            "Send a smaller body.",
+        )
+
+
+@dataclass
+class _BodyLimit:
+    """The body size limit of one request and the body bytes received so far."""
+
+    max_bytes: int
+    declared_bytes: int | None
+    received_bytes: int = 0
+
+    def check(self) -> None:
+        declared = self.declared_bytes or 0
+        if declared > self.max_bytes or self.received_bytes > self.max_bytes:
+            raise PayloadTooLarge(self.max_bytes)
+
+
+def _start_body_limit(scope: Scope, receive: Receive, max_bytes: int) -> tuple[_BodyLimit, Receive]:
+    """Store a body limit in the scope and return it with a `receive` that counts the body against it."""
+    limit = _BodyLimit(max_bytes=max_bytes, declared_bytes=_declared_length(scope))
+    # The scope stores the object itself, so a route that changes `max_bytes` through a copy of the scope
+    # still changes the limit this `receive` checks.
+    scope[_BODY_LIMIT_SCOPE_KEY] = limit
+
+    async def receive_within_limit() -> Message:
+        limit.check()
+        message = await receive()
+        if message["type"] == "http.request":
+            limit.received_bytes += len(message.get("body", b""))
+            limit.check()
+        return message
+
+    return limit, receive_within_limit
+
+
+def _declared_length(scope: Scope) -> int | None:
+    value = Headers(scope=scope).get("content-length", "")
+    # isdigit alone accepts characters such as "²" that int() rejects.
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def format_bytes(size: int) -> str:
+    """Format a byte count as MiB or KiB when it is a whole number of them, else as bytes."""
+    if size >= 1024 * 1024 and size % (1024 * 1024) == 0:
+        return f"{size // (1024 * 1024)} MiB"
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size // 1024} KiB"
+    return f"{size:,} bytes"
+
+
+class BodySizeLimitMiddleware:
+    """Limits every request body to DEFAULT_MAX_BODY_BYTES unless the matched JsonBodyRoute sets its own limit.
+
+    Exceeding the limit raises PayloadTooLarge from `receive`, which the app's HTTPException handler turns
+    into a 413 response.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        _, limited_receive = _start_body_limit(scope, receive, self.max_bytes)
+        await self.app(scope, limited_receive, send)
 
 
 class JsonBodyRoute(APIRoute):
-    """Rejects JSON bodies over MAX_JSON_BODY_BYTES (413), and with 422: strings containing NUL characters
-    or unpaired surrogates, and nesting deeper than MAX_JSON_DEPTH.
+    """Applies the route's body size limit (413), and rejects JSON bodies with 422 when they contain
+    strings with NUL characters or unpaired surrogates, or nest deeper than MAX_JSON_DEPTH.
 
     PostgreSQL cannot store U+0000, neither database driver can encode an unpaired surrogate, and very
     deep nesting cannot be serialised back into a response. Stored, any of them would turn later reads
     into server errors; rejecting them up front gives every route the same clear answer.
     """
+
+    def max_body_bytes(self, scope: Scope) -> int:
+        """Return this route's body size limit in bytes."""
+        if self.body_field is None:
+            return DEFAULT_MAX_BODY_BYTES
+        if isinstance(self.body_field.field_info, params.Form):
+            # NOTE: the avatar is the only upload (multipart form) route. A new upload route with another
+            # size limit needs its own rule here.
+            avatar_max_bytes: int = scope["app"].state.settings.avatar_max_bytes
+            return avatar_max_bytes + MULTIPART_OVERHEAD_BYTES
+        return MAX_JSON_BODY_BYTES
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        max_bytes = self.max_body_bytes(scope)
+        limit = scope.get(_BODY_LIMIT_SCOPE_KEY)
+        if isinstance(limit, _BodyLimit):
+            # BodySizeLimitMiddleware already counts the body in the `receive` it passed on.
+            limit.max_bytes = max_bytes
+        else:
+            limit, receive = _start_body_limit(scope, receive, max_bytes)
+        # Rejects a declared Content-Length over the limit before the handler runs.
+        limit.check()
+        await super().handle(scope, receive, send)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -45,13 +157,9 @@ class JsonBodyRoute(APIRoute):
 
 
 async def _check_json_body(request: Request) -> None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_JSON_BODY_BYTES:
-        raise PayloadTooLarge()
-    # Starlette keeps the body on the request, so the handler below does not read it again.
+    # Starlette keeps the body on the request, so the handler below does not read it again. The `receive`
+    # from JsonBodyRoute.handle raises PayloadTooLarge once the body passes the route's limit.
     body = await request.body()
-    if len(body) > MAX_JSON_BODY_BYTES:
-        raise PayloadTooLarge()
 
     # Cheap tests first, so that ordinary bodies are not parsed twice.
     suspicious = b"\\u0000" in body or b"\x00" in body or b"\\ud" in body.lower()
