@@ -46,6 +46,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # Statuses that mean the request itself is wrong (bad parameter, content policy, unknown model).
 _REJECTED_STATUSES = frozenset({400, 404, 422})
 MAX_REVISED_PROMPT_LENGTH = 32_000
+# Room in a generation response for everything but the images: revised prompts, usage, cost.
+_RESPONSE_OVERHEAD_BYTES = 1024 * 1024
 
 
 class ImageRequestRejected(InvalidInput):
@@ -121,6 +123,8 @@ async def generate_images(
         json=build_request_body(provider, request),
         timeout=timeout,
         map_error=map_error,
+        # Base64 takes four characters for three bytes; the rest of the body is small.
+        max_response_bytes=request.n * (max_image_bytes * 4 // 3 + 4) + _RESPONSE_OVERHEAD_BYTES,
     )
 
     items = _response_items(body, provider=provider, secret=target.api_key)
@@ -200,9 +204,8 @@ async def _item_bytes(
     """Return the file of one `data` entry from `b64_json` or `url`, or None when it has neither."""
     encoded = item.get("b64_json")
     if isinstance(encoded, str) and encoded:
-        # Four base64 characters carry three bytes, so the size is known before decoding.
-        # NOTE: ProviderHttp has already read the whole JSON body, so `max_image_bytes` bounds each kept
-        # image but not the memory that a large base64 response takes.
+        # Four base64 characters carry three bytes, so the size is known before decoding. The response
+        # as a whole was limited when it was read.
         if len(encoded) // 4 * 3 > max_image_bytes + 3:
             raise _too_large(provider, max_image_bytes)
         try:

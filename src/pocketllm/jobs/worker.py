@@ -27,6 +27,7 @@ import structlog
 
 from pocketllm.errors import PocketLLMError
 from pocketllm.jobs.queue import ClaimedJob, JobQueue
+from pocketllm.kit.metrics import JobAttemptOutcome, record_job_attempt
 from pocketllm.storage.service import FileStorage
 
 log = structlog.get_logger(__name__)
@@ -205,12 +206,18 @@ class JobWorker:
         if handler is None:
             await self.queue.fail(job, f"This server has no handler for jobs of type {job.job_type!r}.", retry=False)
             self.stats.failed += 1
+            # No handler ran, so the attempt took no time.
+            record_job_attempt(job.job_type, "failed", 0.0)
             await self._count_processed(job)
             return
 
         work = asyncio.create_task(handler(job), name=f"job-handler-{job.id}")
         try:
             await self._attempt(job, work)
+        except Exception:
+            # Storing the outcome failed, e.g. the database is down. The lease runs out and the job is
+            # claimed again as its next attempt.
+            log.exception("job.outcome_not_stored", job_id=str(job.id), job_type=job.job_type)
         finally:
             await self._count_processed(job)
 
@@ -226,6 +233,7 @@ class JobWorker:
             if not await self._supervise(job, work):
                 self.stats.stopped += 1
                 log.info("job.stopped", job_id=str(job.id), job_type=job.job_type, reason="cancelled or taken over")
+                record_job_attempt(job.job_type, "stopped", time.monotonic() - started)
                 return
             outcome = work.result()
         except asyncio.CancelledError:
@@ -234,9 +242,13 @@ class JobWorker:
             if await self.queue.release(job):
                 self.stats.released += 1
                 log.info("job.released", job_id=str(job.id), job_type=job.job_type)
+                record_job_attempt(job.job_type, "released", time.monotonic() - started)
+            else:
+                record_job_attempt(job.job_type, "stopped", time.monotonic() - started)
             raise
         except Exception as error:
-            await self._store_failure(job, error)
+            failure = await self._store_failure(job, error)
+            record_job_attempt(job.job_type, failure, time.monotonic() - started)
             return
         finally:
             self._record_duration(job.job_type, time.monotonic() - started)
@@ -249,12 +261,18 @@ class JobWorker:
             # releasing the job instead would make another worker generate the images again.
             await store
             raise
+        except Exception:
+            # The next attempt writes its own files; these would belong to no job.
+            await self._delete_files(outcome.files)
+            raise
         if stored:
             self.stats.completed += 1
             log.info("job.completed", job_id=str(job.id), job_type=job.job_type, attempt=job.attempt)
+            record_job_attempt(job.job_type, "completed", time.monotonic() - started)
             return
         self.stats.stopped += 1
         log.info("job.result_discarded", job_id=str(job.id), job_type=job.job_type, reason="cancelled or taken over")
+        record_job_attempt(job.job_type, "stopped", time.monotonic() - started)
         await self._delete_files(outcome.files)
 
     async def _supervise(self, job: ClaimedJob, work: asyncio.Task[JobOutcome]) -> bool:
@@ -272,7 +290,8 @@ class JobWorker:
                 await _cancel_and_wait(work)
                 return False
 
-    async def _store_failure(self, job: ClaimedJob, error: Exception) -> None:
+    async def _store_failure(self, job: ClaimedJob, error: Exception) -> JobAttemptOutcome:
+        """Store the failed attempt and return its outcome; `stopped` when the lease was lost meanwhile."""
         message, retry, retry_after = describe_failure(error)
         if not isinstance(error, PocketLLMError):
             log.error("job.crashed", job_id=str(job.id), job_type=job.job_type, exc_info=error)
@@ -284,6 +303,7 @@ class JobWorker:
         elif outcome == "retry_scheduled":
             self.stats.retried += 1
             log.info("job.retry_scheduled", job_id=str(job.id), job_type=job.job_type, attempt=job.attempt, code=code)
+        return "stopped" if outcome == "lease_lost" else outcome
 
     async def _delete_files(self, keys: Sequence[str]) -> None:
         for key in keys:

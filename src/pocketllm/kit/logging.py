@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from pocketllm.kit.request_id import add_route
+
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     """Route structlog and the standard library's loggers through one renderer on stderr."""
@@ -18,6 +20,7 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
 
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_route,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -6,15 +6,19 @@ provider text reaches our responses or logs without `scrub_secret` first.
 
 from __future__ import annotations
 
+import email.utils
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import structlog
 
 from pocketllm.errors import PocketLLMError
+from pocketllm.kit.metrics import time_provider_call
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.guard import OutboundGuard
 
@@ -25,6 +29,8 @@ log = structlog.get_logger(__name__)
 ErrorMapper = Callable[[httpx.Response], PocketLLMError | None]
 
 MAX_PROVIDER_MESSAGE_LENGTH = 300
+# The default limit of a JSON response body. Model lists of the largest catalogues are a few MiB.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Key-shaped words: long runs of letters, digits, dashes and underscores, with or without a known prefix.
 _KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|gsk|xai|key|api)[-_][A-Za-z0-9_\-*.]{6,}|\b[A-Za-z0-9_\-]{32,}\b")
 
@@ -32,7 +38,7 @@ _KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|gsk|xai|key|api)[-_][A-Za-z0-9_\-*.]{6,}|
 def scrub_secret(text: str, secret: str | None) -> str:
     """Remove `secret` and anything shaped like an API key from `text`, and shorten it."""
     if secret:
-        text = text.replace(secret, "[redacted]")
+        text = re.sub(re.escape(secret), "[redacted]", text, flags=re.IGNORECASE)
     text = _KEY_LIKE.sub("[redacted]", text)
     return text[:MAX_PROVIDER_MESSAGE_LENGTH]
 
@@ -73,38 +79,42 @@ class ProviderHttp:
         json: Any = None,
         timeout: float | httpx.Timeout | None = None,
         map_error: ErrorMapper | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> Any:
         """Send a request and return its decoded JSON body, raising a domain error on any failure.
 
         `map_error` is given error responses other than redirects, 401, 403 and 429 (see
-        `raise_for_provider_status`).
+        `raise_for_provider_status`). A body larger than `max_response_bytes` raises ProviderResponseTooLarge
+        as soon as the limit is passed, so a provider cannot fill the server's memory.
         """
-        try:
-            response = await self.guard.request(
-                self.client,
-                method,
-                url,
-                headers=headers,
-                params=params,
-                json=json,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TimeoutException as error:
-            log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-            raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-        except httpx.TransportError as error:
-            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderRequestFailed(
-                f"The connection to {provider} failed or closed before the response was complete; "
-                "check its base URL and try again."
-            ) from error
+        with time_provider_call(provider, "request"):
+            try:
+                async with self.guard.stream(
+                    self.client,
+                    method,
+                    url,
+                    headers=headers,
+                    params=params,
+                    json=json,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                ) as streamed:
+                    response = await _read_limited(streamed, provider=provider, max_bytes=max_response_bytes)
+            except httpx.TimeoutException as error:
+                log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+                raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
+            except httpx.TransportError as error:
+                log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+                raise ProviderRequestFailed(
+                    f"The connection to {provider} failed or closed before the response was complete; "
+                    "check its base URL and try again."
+                ) from error
 
-        raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
-        try:
-            return response.json()
-        except ValueError as error:
-            log.info("provider.malformed_response", provider=provider, status=response.status_code)
-            raise ProviderRequestFailed(f"{provider} returned a response body that is not JSON.") from error
+            raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
+            try:
+                return response.json()
+            except ValueError as error:
+                log.info("provider.malformed_response", provider=provider, status=response.status_code)
+                raise ProviderRequestFailed(f"{provider} returned a response body that is not JSON.") from error
 
     @asynccontextmanager
     async def stream(
@@ -119,29 +129,86 @@ class ProviderHttp:
         timeout: float | httpx.Timeout | None = None,
         map_error: ErrorMapper | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """Open a streaming request; the status is checked (and the body read for the error) before yielding."""
-        try:
-            async with self.guard.stream(
-                self.client,
-                method,
-                url,
-                headers=headers,
-                json=json,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            ) as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
-                yield response
-        except httpx.TimeoutException as error:
-            log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-            raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-        except httpx.TransportError as error:
-            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-            raise ProviderRequestFailed(
-                f"The connection to {provider} failed or closed before the response was complete; "
-                "check its base URL and try again."
-            ) from error
+        """Open a streaming request; the status is checked (and the body read for the error) before yielding.
+
+        The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.
+        """
+        with time_provider_call(provider, "stream") as timer:
+            try:
+                async with self.guard.stream(
+                    self.client,
+                    method,
+                    url,
+                    headers=headers,
+                    json=json,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                ) as response:
+                    timer.response_started()
+                    if response.status_code >= 300:
+                        await response.aread()
+                        raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
+                    yield response
+            except httpx.TimeoutException as error:
+                log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+                raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
+            except httpx.TransportError as error:
+                log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+                raise ProviderRequestFailed(
+                    f"The connection to {provider} failed or closed before the response was complete; "
+                    "check its base URL and try again."
+                ) from error
+
+
+class ProviderResponseTooLarge(ProviderRequestFailed):
+    code = "provider_response_too_large"
+    default_message = "The provider's response is larger than the server accepts."
+
+
+async def _read_limited(response: httpx.Response, *, provider: str, max_bytes: int) -> httpx.Response:
+    """Read a streamed response and return it with its body, raising ProviderResponseTooLarge past `max_bytes`.
+
+    The limit applies to the decoded body, so a small compressed body cannot unpack into a large one.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > max_bytes:
+        raise _too_large(provider, max_bytes)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(provider, max_bytes)
+        chunks.append(chunk)
+    # The copy holds the decoded body, so the headers that describe the encoded one are left out.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks), request=response.request)
+
+
+def _too_large(provider: str, max_bytes: int) -> ProviderResponseTooLarge:
+    log.info("provider.response_too_large", provider=provider, max_bytes=max_bytes)
+    return ProviderResponseTooLarge(
+        f"{provider} sent a response larger than {max_bytes:,} bytes, which is not accepted."
+    )
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> int | None:
+    """Return a Retry-After header as whole seconds from now: it is either seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0, math.ceil((moment - (now or datetime.now(UTC))).total_seconds()))
 
 
 def raise_for_provider_status(
@@ -164,8 +231,8 @@ def raise_for_provider_status(
     if status in (401, 403):
         raise ProviderAuthFailed(f"{provider} rejected the API key ({status}); check the key and save it again.")
     if status == 429:
-        retry_after = response.headers.get("retry-after")
-        headers = {"Retry-After": retry_after} if retry_after and retry_after.strip().isdigit() else None
+        seconds = retry_after_seconds(response.headers.get("retry-after"))
+        headers = {"Retry-After": str(seconds)} if seconds is not None else None
         raise ProviderRateLimited(
             f"{provider} is rate-limiting requests with this key; try again later.", headers=headers
         )
