@@ -315,7 +315,15 @@ async def test_idempotency_key_returns_same_job(
 
     changed = {"job_type": "image_generation", "input_data": {"prompt": "A wolf", "model": "dall-e-2"}}
     assert_error(await client.post(CREATE, headers=keyed, json=changed), 422, "idempotency_key_reused")
+    with_metadata = {**payload, "metadata": {"source": "other"}}
+    assert_error(await client.post(CREATE, headers=keyed, json=with_metadata), 422, "idempotency_key_reused")
     assert await job_count(database) == 1
+
+    # A repeat still gets its job after the provider was deactivated.
+    assert (await client.delete("/v1/providers/openai", headers=headers)).status_code in (200, 204)
+    repeated = await client.post(CREATE, headers=keyed, json=payload)
+    assert repeated.status_code == 200, repeated.text
+    assert repeated.json()["job_id"] == first.json()["job_id"]
 
 
 async def test_concurrent_idempotent_requests_one_job(
@@ -376,7 +384,11 @@ async def test_list_newest_first_with_filters(
     page = (await client.get(JOBS, headers=headers, params={"limit": 1, "offset": 1})).json()
     assert [job["id"] for job in page] == [second["job_id"]]
     assert (await client.get(JOBS, headers=headers, params={"job_type": "other"})).json() == []
-    assert_error(await client.get(JOBS, headers=headers, params={"status": "done"}), 422, "validation_error")
+    invalid_status = assert_error(
+        await client.get(JOBS, headers=headers, params={"status": "done"}), 422, "validation_error"
+    )
+    assert "'pending'" in invalid_status["message"]
+    assert "JobStatus" not in invalid_status["message"]
     assert_error(await client.get(JOBS, headers=headers, params={"limit": 0}), 422, "validation_error")
 
 
@@ -458,6 +470,29 @@ async def test_delete_stops_running_job(
     assert job["status"] == "cancelled"
     assert job["output_data"] is None
     assert await app.state.storage.list_keys(f"jobs/{job_id}/") == []
+
+
+async def test_retry_after_cancel_waits_for_the_old_attempt(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    fake_provider: FakeProvider,
+    worker: JobWorker,
+    database: Database,
+) -> None:
+    await activate(client, headers, "openai", fake_provider.openai_base_url)
+    job_id = (await queue_job(client, headers))["job_id"]
+    claimed = await worker.queue.claim("another-worker")
+    assert claimed is not None
+
+    assert (await client.delete(f"{JOBS}/{job_id}", headers=headers)).status_code == 204
+    assert (await client.post(f"{JOBS}/{job_id}/retry", headers=headers)).status_code == 200
+
+    # The cancelled attempt may still be running until its worker's next heartbeats.
+    async with database.read_only() as session:
+        run_at = await session.scalar(select(Job.run_at).where(Job.id == uuid.UUID(job_id)))
+    assert run_at is not None
+    assert run_at > utcnow()
+    assert await worker.run_due() == 0
 
 
 # Failures and retries

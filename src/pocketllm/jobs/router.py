@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 import structlog
@@ -9,7 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import DbSession
-from pocketllm.errors import NotAuthenticated, RateLimited, error_responses
+from pocketllm.errors import NotAuthenticated, RateLimited, UnparsableBody, error_responses
 from pocketllm.jobs import service
 from pocketllm.jobs.prices import UnknownImageModel
 from pocketllm.jobs.schemas import (
@@ -74,7 +75,7 @@ async def list_jobs(
     jobs = await service.list_jobs(
         session,
         user.user_id,
-        status=status_filter.value if status_filter is not None else None,
+        status=status_filter,
         job_type=job_type,
         limit=limit,
         offset=offset,
@@ -87,7 +88,12 @@ async def list_jobs(
     response_model=JobCreateResponse,
     status_code=status.HTTP_202_ACCEPTED,
     responses=error_responses(
-        NotAuthenticated, RateLimited, service.InvalidIdempotencyKey, service.IdempotencyKeyReused, *_VALIDATION_ERRORS
+        NotAuthenticated,
+        RateLimited,
+        service.InvalidIdempotencyKey,
+        service.IdempotencyKeyReused,
+        UnparsableBody,
+        *_VALIDATION_ERRORS,
     ),
 )
 async def create_image_job(
@@ -142,7 +148,7 @@ async def list_image_models(user: CurrentUser, session: DbSession, providers: Pr
 @router.post(
     "/image-generation/estimate-cost",
     response_model=JobEstimateResponse,
-    responses=error_responses(NotAuthenticated, *_VALIDATION_ERRORS),
+    responses=error_responses(NotAuthenticated, UnparsableBody, *_VALIDATION_ERRORS),
 )
 async def estimate_cost(
     payload: JobEstimateRequest, user: CurrentUser, session: DbSession, providers: Providers
@@ -175,7 +181,8 @@ async def delete_job(
 ) -> Response:
     """Cancel a pending or running job; delete a finished job's record and images."""
     parsed = service.parse_job_id(job_id)
-    if await service.cancel_or_delete(session, user.user_id, parsed):
+    stop_time = timedelta(seconds=2 * request.app.state.settings.job_heartbeat_seconds)
+    if await service.cancel_or_delete(session, user.user_id, parsed, stop_time=stop_time):
         # After the commit; if it fails, the periodic sweep deletes the files.
         background.add_task(_storage(request).delete_prefix, service.job_files_prefix(parsed))
     return Response(status_code=status.HTTP_204_NO_CONTENT)

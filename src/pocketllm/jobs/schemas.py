@@ -9,8 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pocketllm.models.job import JobStatus
-
 MAX_METADATA_BYTES = 16_384
 MAX_PROMPT_LENGTH = 32_000
 JOB_TYPE_PATTERN = r"^[A-Za-z0-9_-]+$"
@@ -76,9 +74,7 @@ class Job(BaseModel):
     finished_at: datetime | None = None
 
 
-JobStatusFilter = Literal[
-    JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED
-]
+JobStatusFilter = Literal["pending", "processing", "completed", "failed", "cancelled"]
 
 
 class JobEstimateRequest(BaseModel):

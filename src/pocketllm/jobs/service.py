@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -237,15 +239,16 @@ async def create_image_job(
     """
     if job_type != IMAGE_GENERATION:
         raise UnsupportedJobType()
-    resolved = await resolve_image_provider(session, user_id, data.provider, data.model)
-    request = validate_image_request(resolved.provider, _image_request(data))
-    await _catalogue_price(runtime, resolved, request.model, check_model=True)
-    input_data = _stored_input(resolved.provider, request)
-
+    fingerprint = request_fingerprint(job_type, data, metadata)
+    # A repeated request gets its job back even if the provider setup changed since the first one.
     if idempotency_key is not None:
         existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
         if existing is not None:
-            return _same_request(existing, input_data), False
+            return _same_request(existing, fingerprint), False
+
+    resolved = await resolve_image_provider(session, user_id, data.provider, data.model)
+    request = validate_image_request(resolved.provider, _image_request(data))
+    await _catalogue_price(runtime, resolved, request.model, check_model=True)
 
     now = utcnow()
     job = Job(
@@ -253,9 +256,10 @@ async def create_image_job(
         user_id=user_id,
         job_type=IMAGE_GENERATION,
         status=JobStatus.PENDING.value,
-        input_data=input_data,
+        input_data=_stored_input(resolved.provider, request),
         extra_metadata=metadata,
         idempotency_key=idempotency_key,
+        request_fingerprint=fingerprint if idempotency_key is not None else None,
         attempts=0,
         max_attempts=max_attempts,
         run_at=now,
@@ -272,17 +276,28 @@ async def create_image_job(
         existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
         if existing is None:
             raise
-        return _same_request(existing, input_data), False
+        return _same_request(existing, fingerprint), False
     log.info("job.queued", job_id=str(job.id), job_type=job.job_type, provider=resolved.provider)
     return job, True
+
+
+def request_fingerprint(job_type: str, data: ImageGenerationInput, metadata: dict[str, Any] | None) -> str:
+    """Return the SHA-256 of the request as given, in a canonical JSON form."""
+    canonical = json.dumps(
+        {"job_type": job_type, "input_data": data.model_dump(mode="json"), "metadata": metadata},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def _find_by_idempotency_key(session: AsyncSession, user_id: uuid.UUID, key: str) -> Job | None:
     return await session.scalar(select(Job).where(Job.user_id == user_id, Job.idempotency_key == key))
 
 
-def _same_request(existing: Job, input_data: dict[str, Any]) -> Job:
-    if existing.input_data != input_data:
+def _same_request(existing: Job, fingerprint: str) -> Job:
+    if existing.request_fingerprint != fingerprint:
         raise IdempotencyKeyReused()
     return existing
 
@@ -362,13 +377,20 @@ async def get_job(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID, 
     return job
 
 
-async def cancel_or_delete(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+async def cancel_or_delete(
+    session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID, *, stop_time: timedelta
+) -> bool:
     """Cancel an active job, or delete a finished one. Returns True when the record was deleted, and its
-    files must then be deleted after the commit."""
+    files must then be deleted after the commit.
+
+    `stop_time` is how long a running worker may take to notice a cancellation (two lease renewals).
+    """
     job = await get_job(session, user_id, job_id, for_update=True)
     now = utcnow()
     if job.status in ACTIVE_STATUSES:
         # Clearing the lease token makes the running worker's next lease renewal fail, which stops it.
+        # A retry is not due before that worker has stopped, so that no two attempts overlap.
+        job.run_at = now + stop_time if job.status == JobStatus.PROCESSING.value else now
         job.status = JobStatus.CANCELLED.value
         job.lease_token = None
         job.finished_at = now
@@ -387,9 +409,10 @@ async def retry(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID) ->
     if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
         raise JobNotRetryable(f"Only failed or cancelled jobs can be retried; this job is {job.status}.")
     now = utcnow()
+    # A job cancelled while running is due once its worker has stopped (see cancel_or_delete).
+    job.run_at = max(now, job.run_at) if job.status == JobStatus.CANCELLED.value else now
     job.status = JobStatus.PENDING.value
     job.attempts = 0
-    job.run_at = now
     job.lease_token = None
     job.worker_id = None
     job.output_data = None

@@ -63,6 +63,8 @@ class Job(UuidPrimaryKey, Timestamps, Base):
     error_log: Mapped[str | None] = mapped_column(Text)
     extra_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     idempotency_key: Mapped[str | None] = mapped_column(String(MAX_IDEMPOTENCY_KEY_LENGTH))
+    # SHA-256 of the request that used the idempotency key, to tell a repeat from a different request.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     schedule_key: Mapped[str | None] = mapped_column(String(160))
     # Counted when a worker claims the job, so an attempt that crashed its worker counts too.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
