@@ -71,7 +71,7 @@ def build_provider_runtime(settings: Settings) -> ProviderRuntime:
         timeout=httpx.Timeout(
             settings.provider_read_timeout_seconds, connect=settings.provider_connect_timeout_seconds
         ),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        limits=httpx.Limits(max_connections=settings.provider_max_connections, max_keepalive_connections=100),
         follow_redirects=False,
         # Proxy variables from the environment would bypass the guard's address pinning, and .netrc
         # credentials must never be attached to provider requests.

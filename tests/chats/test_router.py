@@ -256,6 +256,26 @@ class TestReplies:
         assert body["max_completion_tokens"] == 256
         assert "stream" not in body or body["stream"] is False
 
+    async def test_failed_question_left_out_of_history(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        fake_provider.queue_replies("First answer")
+        await send(client, headers, chat["id"], "First question")
+        fake_provider.fail_next("/chat/completions", status=500)
+        failed = await send(client, headers, chat["id"], "Question that failed")
+        assert failed.status_code == 502
+
+        await send(client, headers, chat["id"], "Question sent again")
+
+        body = fake_provider.last_request("/chat/completions").body
+        assert body["messages"] == [
+            {"role": "user", "content": "First question"},
+            {"role": "assistant", "content": "First answer"},
+            {"role": "user", "content": "Question sent again"},
+        ]
+
     async def test_history_is_cut_to_context_window(
         self,
         client: httpx.AsyncClient,

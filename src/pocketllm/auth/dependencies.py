@@ -11,15 +11,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pocketllm.auth.backends.base import AuthBackend, ClientInfo, Principal
 from pocketllm.errors import NotAuthenticated
 
+# Every dependency here is `async def`: FastAPI runs plain functions in a thread pool, which costs a thread
+# hand-off on every request for what is only an attribute lookup.
 _bearer = HTTPBearer(auto_error=False, description="An access token from sign-in, sign-up or refresh.")
 
 
-def get_auth_backend(request: Request) -> AuthBackend:
+async def get_auth_backend(request: Request) -> AuthBackend:
     backend: AuthBackend = request.app.state.auth_backend
     return backend
 
 
-def get_client_info(request: Request) -> ClientInfo:
+async def get_client_info(request: Request) -> ClientInfo:
     return ClientInfo(
         user_agent=request.headers.get("user-agent"),
         ip_address=request.client.host if request.client else None,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, func, not_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import HistoryEntry, derive_title
 from pocketllm.db.types import utcnow
@@ -103,15 +104,22 @@ async def append_message(
     """
     chat_id = chat.id if isinstance(chat, Chat) else chat
     now = utcnow()
-    sequence = await session.scalar(
-        update(Chat)
-        .where(Chat.id == chat_id, Chat.user_id == user_id)
-        .values(last_sequence=Chat.last_sequence + 1, updated_at=now)
-        .returning(Chat.last_sequence)
-        .execution_options(synchronize_session=False)
-    )
-    if sequence is None:
+    values: dict[str, Any] = {"last_sequence": Chat.last_sequence + 1, "updated_at": now}
+    if role == "user":
+        # Name an untitled chat after its first user message, in the same statement.
+        values["title"] = func.coalesce(Chat.title, derive_title(content))
+    row = (
+        await session.execute(
+            update(Chat)
+            .where(Chat.id == chat_id, Chat.user_id == user_id)
+            .values(values)
+            .returning(Chat.last_sequence, Chat.title)
+            .execution_options(synchronize_session=False)
+        )
+    ).one_or_none()
+    if row is None:
         raise ChatNotFound()
+    sequence, title = row
 
     message = StoredMessage(
         chat_id=chat_id,
@@ -123,17 +131,12 @@ async def append_message(
         created_at=now,
     )
     session.add(message)
-    if role == "user":
-        # Name an untitled chat after its first user message.
-        await session.execute(
-            update(Chat)
-            .where(Chat.id == chat_id, Chat.title.is_(None))
-            .values(title=derive_title(content))
-            .execution_options(synchronize_session=False)
-        )
     await session.flush()
     if isinstance(chat, Chat):
-        await session.refresh(chat)
+        # The loaded chat learns the new values from RETURNING, as if loaded again, without another query.
+        set_committed_value(chat, "last_sequence", sequence)
+        set_committed_value(chat, "updated_at", now)
+        set_committed_value(chat, "title", title)
     return message
 
 
@@ -154,17 +157,17 @@ async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: i
     User messages whose reply failed are left out: the user usually sends them again, and the model
     should not see the same question twice in a row.
     """
+    failed_user_message = and_(
+        StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
+    )
+    # The database leaves those out, so no message's metadata has to be decoded here.
     rows = await session.execute(
-        select(StoredMessage.role, StoredMessage.content, StoredMessage.extra_metadata)
-        .where(StoredMessage.chat_id == chat_id, StoredMessage.sequence < before)
+        select(StoredMessage.role, StoredMessage.content)
+        .where(StoredMessage.chat_id == chat_id, StoredMessage.sequence < before, not_(failed_user_message))
         .order_by(StoredMessage.sequence.desc())
         .limit(HISTORY_LIMIT)
     )
-    return [
-        HistoryEntry(role=role, content=content)
-        for role, content, metadata in reversed(rows.all())
-        if not (role == "user" and metadata and "reply_error" in metadata)
-    ]
+    return [HistoryEntry(role=role, content=content) for role, content in reversed(rows.all())]
 
 
 async def resolve_model(session: AsyncSession, user_id: uuid.UUID, chat: Chat) -> tuple[ModelConfig, ProviderConfig]:

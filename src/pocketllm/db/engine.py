@@ -17,6 +17,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 _READ_ONLY_OPTIONS = {SQLITE_BEGIN_OPTION: "DEFERRED"}
+_AUTOCOMMIT_OPTIONS = {"isolation_level": "AUTOCOMMIT"}
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -106,13 +107,17 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def read_only(self) -> AsyncIterator[AsyncSession]:
+    async def read_only(self, *, snapshot: bool = True) -> AsyncIterator[AsyncSession]:
         """Yield a session for reads only; on SQLite it does not take the write lock.
 
-        Loaded objects stay usable after the block, detached, like objects from a committed transaction.
+        With `snapshot` False, PostgreSQL runs each statement on its own in autocommit mode: one round trip
+        per statement instead of BEGIN, the statements and ROLLBACK. Use it where the reads need not see
+        one consistent state, such as a single query. Loaded objects stay usable after the block, detached,
+        like objects from a committed transaction.
         """
+        options = _READ_ONLY_OPTIONS if snapshot or self.dialect != "postgresql" else _AUTOCOMMIT_OPTIONS
         async with self.sessionmaker() as session:
-            await session.connection(execution_options=_READ_ONLY_OPTIONS)
+            await session.connection(execution_options=options)
             try:
                 yield session
             finally:

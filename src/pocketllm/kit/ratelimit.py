@@ -159,12 +159,12 @@ def client_address(request: Request, trusted_proxies: Sequence[IPNetwork]) -> st
     return forwarded[0] if forwarded else peer
 
 
-def get_rate_limiter(request: Request) -> RateLimiter:
+async def get_rate_limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter = request.app.state.rate_limiter
     return limiter
 
 
-def get_client_address(request: Request) -> str:
+async def get_client_address(request: Request) -> str:
     trusted: list[IPNetwork] = request.app.state.trusted_proxies
     return client_address(request, trusted)
 

@@ -27,7 +27,7 @@ class ProviderRuntime:
         await self.cache.close()
 
 
-def get_provider_runtime(request: Request) -> ProviderRuntime:
+async def get_provider_runtime(request: Request) -> ProviderRuntime:
     runtime: ProviderRuntime = request.app.state.providers
     return runtime
 

@@ -218,7 +218,8 @@ class LocalAuthBackend(AuthBackend):
         if claims.session_id is None:
             raise TokenInvalid("The access token has no 'session_id' claim.")
 
-        async with self._database.read_only() as session:
+        # One query, so it needs no snapshot: on PostgreSQL it runs without BEGIN and ROLLBACK.
+        async with self._database.read_only(snapshot=False) as session:
             row = (
                 await session.execute(
                     select(AuthSession.revoked_at, AuthSession.expires_at, User.email)
