@@ -219,7 +219,7 @@ def test_serve_runs_a_job_worker_unless_told_not_to(tmp_path: Path, arguments: t
     with running_server(*arguments, environment=serve_environment(), cwd=tmp_path) as base_url:
         ready = httpx.get(f"{base_url}/health/ready", timeout=10)
 
-    assert ready.json()["checks"] == {"database": "ok", "worker": worker}
+    assert ready.json()["checks"] == {"database": "ok", "schema": "ok", "worker": worker}
 
 
 def test_worker_refuses_zero_concurrency(tmp_path: Path) -> None:

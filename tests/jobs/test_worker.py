@@ -35,7 +35,7 @@ from pocketllm.jobs.worker import INTERNAL_ERROR_MESSAGE, JobHandler, JobOutcome
 from pocketllm.models import AuthSession, Job, User
 from pocketllm.models.job import JobStatus
 from pocketllm.storage.service import FileStorage, build_storage
-from tests.conftest import TEST_JWT_SECRET
+from tests.conftest import TEST_JWT_SECRET, make_settings
 from tests.fakes.provider import VALID_API_KEY, FakeProvider, make_png
 from tests.helpers import auth_headers, sign_up
 
@@ -737,3 +737,30 @@ def test_worker_rejects_heartbeat_not_below_lease(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "job_heartbeat_seconds" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+async def test_claim_failures_back_off(tmp_path: Path) -> None:
+    # A database without the jobs table: every claim fails, as during an outage or before migrations.
+    database = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"))
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path / "data")
+    queue = JobQueue(database, lease_seconds=5, retry_base_seconds=1)
+    worker = JobWorker(
+        queue,
+        {},
+        storage=build_storage(settings),
+        concurrency=1,
+        poll_seconds=0.01,
+        heartbeat_seconds=1,
+        shutdown_grace_seconds=0,
+    )
+    stop = asyncio.Event()
+    try:
+        running = asyncio.create_task(worker.run(stop))
+        # The observation window: without backoff a 10 ms poll would fail about 60 times in it.
+        await asyncio.sleep(0.6)
+        stop.set()
+        await asyncio.wait_for(running, timeout=5)
+    finally:
+        await database.dispose()
+
+    assert 1 <= worker.stats.claim_failures <= 8

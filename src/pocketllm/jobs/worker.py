@@ -33,6 +33,8 @@ from pocketllm.storage.service import FileStorage
 log = structlog.get_logger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "The job failed because of an internal error."
+# While claims keep failing (the database is down or not migrated), the pause between tries doubles up to this.
+MAX_CLAIM_RETRY_SECONDS = 30.0
 # How often the worker queues the periodic maintenance jobs; each period still runs once.
 SCHEDULE_CHECK_SECONDS = 30.0
 # Finished maintenance jobs are kept this long, for operators to look at, then deleted.
@@ -65,6 +67,7 @@ class WorkerStats:
     retried: int = 0
     stopped: int = 0
     released: int = 0
+    claim_failures: int = 0
     durations: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -166,22 +169,27 @@ class JobWorker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         stop_waiter = asyncio.create_task(stop.wait())
+        failures = 0
         try:
             while not stop.is_set():
                 if len(self._running) >= self._concurrency:
                     await asyncio.wait({stop_waiter, *self._running}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 self._wake.clear()
+                pause = self._poll_seconds
                 try:
                     job = await self.queue.claim(self.worker_id)
+                    failures = 0
                 except Exception:  # a database outage must not end the worker; it tries again after a pause
-                    log.exception("worker.claim_failed", worker=self.worker_id)
+                    failures += 1
+                    self.stats.claim_failures += 1
+                    # Longer pauses while the outage lasts, so that it does not flood the log.
+                    pause = min(self._poll_seconds * 2**failures, MAX_CLAIM_RETRY_SECONDS)
+                    log.exception("worker.claim_failed", worker=self.worker_id, failures=failures, retry_in=pause)
                     job = None
                 if job is None:
                     wake_waiter = asyncio.create_task(self._wake.wait())
-                    await asyncio.wait(
-                        {stop_waiter, wake_waiter}, timeout=self._poll_seconds, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait({stop_waiter, wake_waiter}, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
                     wake_waiter.cancel()
                     continue
                 task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
