@@ -215,7 +215,7 @@ def test_serve_embedded_default_keeps_secrets_across_restarts(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("arguments", "worker"), [((), "running"), (("--no-worker",), "off")])
-def test_serve_runs_a_job_worker_unless_told_not_to(tmp_path: Path, arguments: tuple[str, ...], worker: str) -> None:
+def test_serve_worker_flag(tmp_path: Path, arguments: tuple[str, ...], worker: str) -> None:
     with running_server(*arguments, environment=serve_environment(), cwd=tmp_path) as base_url:
         ready = httpx.get(f"{base_url}/health/ready", timeout=10)
 

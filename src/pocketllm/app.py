@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, settings)
     app.add_middleware(RequestIdMiddleware)
 
-    # Every route has a request body limit (kit/routing.py), so every route can answer 413.
+    # Every route has a request body limit (kit/routing.py), so every route can return 413.
     too_large: dict[int | str, dict[str, Any]] = {
         413: {"model": ErrorBody, "description": "payload_too_large: the request body is over the limit."}
     }

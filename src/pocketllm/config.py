@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     allow_private_provider_urls: bool = False
     provider_connect_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     provider_read_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
-    # Connections to providers one process keeps open at most; each open reply stream holds one.
+    # The maximum number of provider connections one process keeps open. Each open reply stream uses one.
     provider_max_connections: int = Field(default=1000, ge=10, le=100_000)
     catalogue_timeout_seconds: float = Field(default=15.0, gt=0, le=120)
     catalogue_cache_ttl_seconds: int = Field(default=300, ge=0, le=86_400)

@@ -70,8 +70,8 @@ async def health() -> HealthResponse:
     responses={503: {"model": ReadinessResponse, "description": "A dependency is unreachable."}},
 )
 async def readiness(request: Request) -> JSONResponse:
-    """Report whether the server can take traffic: the database must answer, with the schema this version
-    needs (`checks.schema`). `checks.worker` tells whether this process runs background jobs."""
+    """Report whether the server can take traffic: the database must respond and have the schema this version
+    needs (`checks.schema`). `checks.worker` shows whether this process runs background jobs."""
     schema = "unknown"
     try:
         async with get_database(request).engine.connect() as raw_connection:

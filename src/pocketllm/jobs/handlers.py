@@ -1,4 +1,4 @@
-"""What each job type does, and the worker that runs them all with the process's resources."""
+"""Job handlers for each job type, and the worker that runs them with the process's resources."""
 
 from __future__ import annotations
 

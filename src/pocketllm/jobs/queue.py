@@ -57,7 +57,7 @@ class ClaimedJob:
 
 
 def retry_delay(attempt: int, base_seconds: float) -> timedelta:
-    """The wait after failed attempt number `attempt`: the base, then twice it, four times, ... up to an hour."""
+    """Return the wait after failed attempt number `attempt`: the base, twice it, four times it, up to an hour."""
     exponent = min(max(attempt - 1, 0), 32)
     return timedelta(seconds=min(base_seconds * 2**exponent, MAX_RETRY_DELAY_SECONDS))
 
@@ -268,7 +268,7 @@ class JobQueue:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def depth(self) -> int:
-        """The number of pending jobs, due or not."""
+        """Return the number of pending jobs, due or not."""
         async with self._database.read_only() as session:
             count = await session.scalar(
                 select(func.count()).select_from(Job).where(Job.status == JobStatus.PENDING.value)

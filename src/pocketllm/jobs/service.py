@@ -180,18 +180,15 @@ async def imagerouter_models(
 async def _catalogue_price(
     runtime: ProviderRuntime, resolved: ResolvedProvider, model: str, *, check_model: bool
 ) -> float | None:
-    """The ImageRouter price of `model`; with `check_model`, raise when ImageRouter does not list it.
+    """Return the ImageRouter price of `model`; with `check_model`, raise when ImageRouter does not list it.
 
-    When the list cannot be fetched the model is accepted unchecked and no price is known: the provider
+    When the list cannot be fetched, the model is accepted unchecked and no price is known. The provider
     itself rejects an unknown model when the job runs.
     """
     if resolved.provider != "imagerouter" or resolved.config is None:
         return None
-    target = build_target(PROVIDERS["imagerouter"], resolved.config, runtime.secrets)
-    try:
-        models = await imagerouter_models(runtime, target)
-    except PocketLLMError as error:
-        log.info("images.model_list_failed", provider="imagerouter", code=error.code)
+    models = await _imagerouter_models_or_none(runtime, resolved.config)
+    if models is None:
         return None
     prices = {entry.id: price for entry, price in models}
     if model not in prices:
@@ -199,6 +196,18 @@ async def _catalogue_price(
             raise UnknownImageModel(f"ImageRouter does not list an image model named {model[:200]!r}.")
         return None
     return prices[model]
+
+
+async def _imagerouter_models_or_none(
+    runtime: ProviderRuntime, config: ProviderConfig
+) -> list[tuple[ProviderModel, float | None]] | None:
+    """Return ImageRouter's image models for the user's configuration, or None when the list cannot be fetched."""
+    target = build_target(PROVIDERS["imagerouter"], config, runtime.secrets)
+    try:
+        return await imagerouter_models(runtime, target)
+    except PocketLLMError as error:
+        log.info("images.model_list_failed", provider="imagerouter", code=error.code)
+        return None
 
 
 # Queuing
@@ -326,7 +335,7 @@ async def estimate(
 
 
 async def list_image_models(session: AsyncSession, runtime: ProviderRuntime, user_id: uuid.UUID) -> list[ProviderModel]:
-    """The image models of the caller's active providers. A provider whose list fails is left out."""
+    """Return the image models of the caller's active providers, leaving out a provider whose list fails."""
     active = await _active_image_configs(session, user_id)
     models: list[ProviderModel] = []
     for provider in IMAGE_PROVIDER_PREFERENCE:
@@ -334,13 +343,8 @@ async def list_image_models(session: AsyncSession, runtime: ProviderRuntime, use
         if config is None:
             continue
         if provider == "imagerouter":
-            target = build_target(PROVIDERS[provider], config, runtime.secrets)
-            try:
-                listed = await imagerouter_models(runtime, target)
-            except PocketLLMError as error:
-                log.info("images.model_list_failed", provider=provider, code=error.code)
-                continue
-            models.extend(model for model, _ in listed)
+            listed = await _imagerouter_models_or_none(runtime, config)
+            models.extend(model for model, _ in listed or [])
         else:
             models.extend(image_model_listing(provider))
     return models
@@ -430,7 +434,7 @@ def job_files_prefix(job_id: uuid.UUID) -> str:
 
 
 def render_job(job: Job, storage: FileStorage, base_url: str) -> JobSchema:
-    """The API view of a job, with a freshly signed URL for every stored image."""
+    """Build the API view of a job, with a freshly signed URL for every stored image."""
     assert job.user_id is not None
     return JobSchema(
         id=job.id,

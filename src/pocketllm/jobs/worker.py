@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -68,7 +68,6 @@ class WorkerStats:
     stopped: int = 0
     released: int = 0
     claim_failures: int = 0
-    durations: dict[str, list[float]] = field(default_factory=dict)
 
 
 def new_worker_id() -> str:
@@ -127,10 +126,6 @@ class JobWorker:
         # Ids of recently attempted jobs, newest last, for `wait_attempted`.
         self._recent: deque[uuid.UUID] = deque(maxlen=1000)
         self._progress = asyncio.Condition()
-
-    @property
-    def job_types(self) -> frozenset[str]:
-        return frozenset(self._handlers)
 
     def wake(self) -> None:
         """Look for due jobs now instead of at the next poll; call it after queuing a job in this process."""
@@ -258,8 +253,6 @@ class JobWorker:
             failure = await self._store_failure(job, error)
             record_job_attempt(job.job_type, failure, time.monotonic() - started)
             return
-        finally:
-            self._record_duration(job.job_type, time.monotonic() - started)
 
         store = asyncio.ensure_future(self.queue.complete(job, outcome.output_data))
         try:
@@ -319,11 +312,6 @@ class JobWorker:
                 await self._storage.delete(key)
             except Exception:  # the periodic sweep deletes files that no job refers to
                 log.exception("job.file_cleanup_failed", key=key)
-
-    def _record_duration(self, job_type: str, seconds: float) -> None:
-        samples = self.stats.durations.setdefault(job_type, [])
-        samples.append(seconds)
-        del samples[:-1000]
 
     async def _schedule_periodic(self, stop: asyncio.Event) -> None:
         interval = min(SCHEDULE_CHECK_SECONDS, *(task.period_seconds for task in self._periodic))

@@ -26,7 +26,6 @@ class JobStatus(StrEnum):
 
 
 ACTIVE_STATUSES = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
-FINISHED_STATUSES = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 _ACTIVE_CONDITION = text("status IN ('pending', 'processing')")
 
 

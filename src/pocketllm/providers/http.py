@@ -9,8 +9,8 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,7 +88,7 @@ class ProviderHttp:
         as soon as the limit is passed, so a provider cannot fill the server's memory.
         """
         with time_provider_call(provider, "request"):
-            try:
+            with _transport_errors(provider):
                 async with self.guard.stream(
                     self.client,
                     method,
@@ -99,15 +99,6 @@ class ProviderHttp:
                     timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                 ) as streamed:
                     response = await _read_limited(streamed, provider=provider, max_bytes=max_response_bytes)
-            except httpx.TimeoutException as error:
-                log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-                raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-            except httpx.TransportError as error:
-                log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-                raise ProviderRequestFailed(
-                    f"The connection to {provider} failed or closed before the response was complete; "
-                    "check its base URL and try again."
-                ) from error
 
             raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
             try:
@@ -133,30 +124,36 @@ class ProviderHttp:
 
         The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.
         """
-        with time_provider_call(provider, "stream") as timer:
-            try:
-                async with self.guard.stream(
-                    self.client,
-                    method,
-                    url,
-                    headers=headers,
-                    json=json,
-                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-                ) as response:
-                    timer.response_started()
-                    if response.status_code >= 300:
-                        await response.aread()
-                        raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
-                    yield response
-            except httpx.TimeoutException as error:
-                log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-                raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-            except httpx.TransportError as error:
-                log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-                raise ProviderRequestFailed(
-                    f"The connection to {provider} failed or closed before the response was complete; "
-                    "check its base URL and try again."
-                ) from error
+        with time_provider_call(provider, "stream") as timer, _transport_errors(provider):
+            async with self.guard.stream(
+                self.client,
+                method,
+                url,
+                headers=headers,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            ) as response:
+                timer.response_started()
+                if response.status_code >= 300:
+                    await response.aread()
+                    raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
+                yield response
+
+
+@contextmanager
+def _transport_errors(provider: str) -> Iterator[None]:
+    """Turn httpx timeouts and connection failures into ProviderTimeout and ProviderRequestFailed."""
+    try:
+        yield
+    except httpx.TimeoutException as error:
+        log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+        raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
+    except httpx.TransportError as error:
+        log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+        raise ProviderRequestFailed(
+            f"The connection to {provider} failed or closed before the response was complete; "
+            "check its base URL and try again."
+        ) from error
 
 
 class ProviderResponseTooLarge(ProviderRequestFailed):
@@ -179,7 +176,7 @@ async def _read_limited(response: httpx.Response, *, provider: str, max_bytes: i
         if total > max_bytes:
             raise _too_large(provider, max_bytes)
         chunks.append(chunk)
-    # The copy holds the decoded body, so the headers that describe the encoded one are left out.
+    # The copy contains the decoded body, so the headers that describe the encoded body are left out.
     headers = [
         (name, value)
         for name, value in response.headers.multi_items()
