@@ -19,7 +19,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import update
 
-from pocketllm.auth.tokens import hash_refresh_token, new_refresh_token
+from pocketllm.auth.tokens import (
+    VERIFIED_TOKEN_CACHE_SIZE,
+    AccessTokenVerifier,
+    TokenExpired,
+    TokenSignatureInvalid,
+    hash_refresh_token,
+    new_refresh_token,
+)
+from pocketllm.config import Settings
 from pocketllm.db.engine import create_engine
 from pocketllm.models import AuthSession
 from tests.conftest import TEST_JWT_SECRET
@@ -453,3 +461,63 @@ def test_new_refresh_token_length() -> None:
 
     # 32 random bytes in unpadded URL-safe base64 are 43 characters.
     assert len(token) >= 43
+
+
+# -- verified tokens are remembered until they expire ----------------------------------------------------------
+
+
+class Clock:
+    """A wall clock the test moves by hand, for the verifier's `clock` parameter."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_remembered_token_expires_with_leeway(settings: Settings, claims: dict[str, Any]) -> None:
+    clock = Clock()
+    verifier = AccessTokenVerifier(settings, clock=clock)
+    token = forge({**claims, "exp": int(clock.now) + 60})
+    first = await verifier.verify(token)
+
+    # Within exp plus the leeway the remembered claims are returned; after it, the full check runs again.
+    clock.now = first.expires_at.timestamp() + settings.jwt_leeway_seconds - 1
+    assert await verifier.verify(token) == first
+    clock.now = first.expires_at.timestamp() + settings.jwt_leeway_seconds
+    with pytest.raises(TokenExpired):
+        await verifier.verify(token)
+
+
+async def test_rejected_token_stays_rejected(settings: Settings, claims: dict[str, Any]) -> None:
+    verifier = AccessTokenVerifier(settings)
+    token = forge(claims, key="another-secret-that-is-long-enough-for-hs256-0123456789")
+    for _ in range(2):
+        with pytest.raises(TokenSignatureInvalid):
+            await verifier.verify(token)
+
+
+async def test_remembered_tokens_are_bounded(settings: Settings, claims: dict[str, Any]) -> None:
+    verifier = AccessTokenVerifier(settings)
+    first = forge({**claims, "jti": "0"})
+    await verifier.verify(first)
+    for index in range(1, VERIFIED_TOKEN_CACHE_SIZE + 1):
+        await verifier.verify(forge({**claims, "jti": str(index)}))
+
+    # The token remembered first was dropped to make room for the last one.
+    assert len(verifier._verified) == VERIFIED_TOKEN_CACHE_SIZE
+    assert first not in verifier._verified
+
+
+async def test_signed_out_session_rejected_after_token_was_remembered(
+    client: httpx.AsyncClient, signed_up: dict[str, Any]
+) -> None:
+    headers = auth_headers(signed_up)
+    assert (await get_profile(client, headers)).status_code == 200
+    sign_out = await client.post("/v1/auth/signout", headers=headers)
+    assert sign_out.status_code == 200, sign_out.text
+
+    response = await get_profile(client, headers)
+
+    assert_unauthorized(response, "session_revoked")

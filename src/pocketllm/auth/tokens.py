@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +21,8 @@ from pocketllm.errors import NotAuthenticated
 
 SIGNING_ALGORITHM = "HS256"
 AUTHENTICATED_ROLE = "authenticated"
+# How many verified access tokens a process remembers; a few hundred bytes each.
+VERIFIED_TOKEN_CACHE_SIZE = 4096
 
 
 class TokenMalformed(NotAuthenticated):
@@ -93,14 +97,36 @@ class AccessTokenVerifier:
     asymmetric signing keys), RS256/ES256 tokens are checked with the key named by their `kid`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
         self._algorithms = list(settings.jwt_algorithms)
         self._jwks: jwt.PyJWKClient | None = None
         if settings.supabase_jwks_url:
             self._jwks = jwt.PyJWKClient(settings.supabase_jwks_url, cache_keys=True, timeout=5)
+        self._clock = clock
+        # Token -> (claims, time after which it is expired). Checking a token's signature and claims costs
+        # more CPU than the rest of a small request, and a client sends the same token until it refreshes.
+        self._verified: dict[str, tuple[AccessTokenClaims, float]] = {}
 
     async def verify(self, token: str) -> AccessTokenClaims:
+        """Check the token's algorithm, signature and claims, and return its claims.
+
+        A token that passed is remembered (at most VERIFIED_TOKEN_CACHE_SIZE of them) until it expires, so
+        the same token again costs a dictionary lookup. Only HMAC tokens are remembered: their key is the
+        JWT secret, which cannot change while the process runs. Whether the session behind a token is still
+        signed in is not decided here, and is checked on every request.
+        """
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            claims, expired_after = remembered
+            if self._clock() < expired_after:
+                return claims
+            # The condition PyJWT applies: `exp` plus the leeway has passed.
+            del self._verified[token]
+            raise TokenExpired()
+        return await self._verify(token)
+
+    async def _verify(self, token: str) -> AccessTokenClaims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as error:
@@ -138,7 +164,17 @@ class AccessTokenVerifier:
         except jwt.InvalidTokenError as error:
             raise TokenMalformed() from error
 
-        return _parse_claims(claims)
+        parsed = _parse_claims(claims)
+        if algorithm.startswith("HS"):
+            self._remember(token, parsed)
+        return parsed
+
+    def _remember(self, token: str, claims: AccessTokenClaims) -> None:
+        if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
+            # Dictionaries keep insertion order: drop the token remembered first.
+            del self._verified[next(iter(self._verified))]
+        # PyJWT accepts a token until `exp` plus the leeway, so the remembered token is accepted as long.
+        self._verified[token] = (claims, claims.expires_at.timestamp() + self._settings.jwt_leeway_seconds)
 
     async def _key_for(self, token: str, algorithm: str) -> Any:
         if algorithm.startswith("HS"):

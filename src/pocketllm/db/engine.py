@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -107,6 +107,26 @@ class Database:
             yield session
 
     @asynccontextmanager
+    async def statements(self) -> AsyncIterator[AsyncSession]:
+        """Yield a session for work whose statements are each atomic on their own.
+
+        On PostgreSQL every statement commits by itself (autocommit): no BEGIN and COMMIT round trips, and
+        no transaction spans two statements, so a failure leaves the earlier statements stored. On SQLite it
+        is one write transaction, like `transaction()`, because there a statement costs no round trip.
+        """
+        if self.dialect != "postgresql":
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self.sessionmaker() as session:
+            await session.connection(execution_options=_AUTOCOMMIT_OPTIONS)
+            try:
+                yield session
+            finally:
+                session.expunge_all()
+                await session.rollback()
+
+    @asynccontextmanager
     async def read_only(self, *, snapshot: bool = True) -> AsyncIterator[AsyncSession]:
         """Yield a session for reads only; on SQLite it does not take the write lock.
 
@@ -124,6 +144,19 @@ class Database:
                 # Detach first: a rollback would expire every loaded attribute.
                 session.expunge_all()
                 await session.rollback()
+
+    @asynccontextmanager
+    async def read_connection(self) -> AsyncIterator[AsyncConnection]:
+        """Yield a plain connection for reads that need no ORM objects and no snapshot, such as the session
+        check on every request.
+
+        Like `read_only(snapshot=False)`, but without a session: a Core statement run this way costs about
+        half the CPU of the same statement through an ORM session.
+        """
+        options = _AUTOCOMMIT_OPTIONS if self.dialect == "postgresql" else _READ_ONLY_OPTIONS
+        async with self.engine.connect() as connection:
+            await connection.execution_options(**options)
+            yield connection
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth import service
@@ -39,6 +39,15 @@ from pocketllm.errors import InvalidInput, NotAuthenticated
 from pocketllm.models import AuthSession, Profile, RefreshToken, User
 
 log = structlog.get_logger(__name__)
+
+
+# Runs on every authenticated request. Built once, so that each run skips building the expression and
+# looking up its compiled form.
+_SESSION_CHECK = (
+    select(AuthSession.revoked_at, AuthSession.expires_at, User.email)
+    .join(User, User.id == AuthSession.user_id)
+    .where(AuthSession.id == bindparam("p_session_id"), AuthSession.user_id == bindparam("p_user_id"))
+)
 
 
 class SessionRevoked(NotAuthenticated):
@@ -219,12 +228,10 @@ class LocalAuthBackend(AuthBackend):
             raise TokenInvalid("The access token has no 'session_id' claim.")
 
         # One query, so it needs no snapshot: on PostgreSQL it runs without BEGIN and ROLLBACK.
-        async with self._database.read_only(snapshot=False) as session:
+        async with self._database.read_connection() as connection:
             row = (
-                await session.execute(
-                    select(AuthSession.revoked_at, AuthSession.expires_at, User.email)
-                    .join(User, User.id == AuthSession.user_id)
-                    .where(AuthSession.id == claims.session_id, AuthSession.user_id == claims.user_id)
+                await connection.execute(
+                    _SESSION_CHECK, {"p_session_id": claims.session_id, "p_user_id": claims.user_id}
                 )
             ).one_or_none()
         if row is None or row.revoked_at is not None:
