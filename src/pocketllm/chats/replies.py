@@ -108,24 +108,23 @@ class ReplyGenerator:
     async def store_only(self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate) -> Message:
         """Store an assistant or system message as it is, without calling a provider."""
         async with self._database.transaction() as session:
-            message = await service.append_message(
+            return await service.append_message(
                 session, user_id, chat_id, role=payload.role, content=payload.content, metadata=payload.metadata
             )
-            return Message.from_row(message)
 
     async def prepare(self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate) -> PreparedReply:
         """Check that the chat has a usable model, then store the user's message and build the prompt."""
-        async with self._database.transaction() as session:
-            chat = await service.get_chat(session, user_id, chat_id)
-            model_config, provider_config = await service.resolve_model(session, user_id, chat)
+        # Each statement is atomic on its own: nothing is stored before the model is known to be usable,
+        # and the message is numbered and inserted in one statement on PostgreSQL.
+        async with self._database.statements() as session:
+            model_config, provider_config = await service.resolve_model(session, user_id, chat_id)
             spec = PROVIDERS[model_config.provider]
             target = providers_service.build_target(spec, provider_config, self._secrets)
 
-            message = await service.append_message(
-                session, user_id, chat, role="user", content=payload.content, metadata=payload.metadata
+            user_message = await service.append_message(
+                session, user_id, chat_id, role="user", content=payload.content, metadata=payload.metadata
             )
-            history = await service.recent_history(session, chat.id, before=message.sequence)
-            user_message = Message.from_row(message)
+            history = await service.recent_history(session, chat_id, before=user_message.sequence)
 
         settings = model_config.settings or {}
         context_window = model_config.context_window or DEFAULT_CONTEXT_WINDOW
@@ -261,8 +260,8 @@ class ReplyGenerator:
         if error_code:
             metadata["error"] = error_code
 
-        async with self._database.transaction() as session:
-            message = await service.append_message(
+        async with self._database.statements() as session:
+            stored = await service.append_message(
                 session,
                 prepared.user_id,
                 prepared.chat_id,
@@ -271,7 +270,6 @@ class ReplyGenerator:
                 status="incomplete" if result.incomplete else "complete",
                 metadata=metadata,
             )
-            stored = Message.from_row(message)
         log.info(
             "chat.reply.stored",
             chat_id=str(prepared.chat_id),

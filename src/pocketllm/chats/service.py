@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, func, not_, select, update
+from sqlalchemy import Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import HistoryEntry, derive_title
+from pocketllm.chats.schemas import Message
 from pocketllm.db.types import utcnow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.service import ModelConfigNotFound
@@ -39,15 +40,19 @@ def parse_id(raw: str | None, error: type[NotFound]) -> uuid.UUID:
         raise error() from exception
 
 
+# Read on every visit of the chat list, so it is built once; see _NEXT_SEQUENCE below for why.
+_LIST_CHATS = (
+    select(Chat)
+    .where(Chat.user_id == bindparam("p_user_id"))
+    # The id breaks ties between chats updated in the same instant, so pages never overlap.
+    .order_by(Chat.updated_at.desc(), Chat.id.desc())
+    .limit(bindparam("p_limit"))
+    .offset(bindparam("p_offset"))
+)
+
+
 async def list_chats(session: AsyncSession, user_id: uuid.UUID, *, limit: int, offset: int) -> list[Chat]:
-    result = await session.scalars(
-        select(Chat)
-        .where(Chat.user_id == user_id)
-        # The id breaks ties between chats updated in the same instant, so pages never overlap.
-        .order_by(Chat.updated_at.desc(), Chat.id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
+    result = await session.scalars(_LIST_CHATS, {"p_user_id": user_id, "p_limit": limit, "p_offset": offset})
     return list(result)
 
 
@@ -86,6 +91,62 @@ async def create_chat(
     return chat
 
 
+# The statements of the reply path are built once: a statement object keeps its cache key, so running it
+# again skips building the expression and looking up its compiled form (about a third of a small
+# statement's CPU). Bound parameters are prefixed
+# with `p_` because an UPDATE reserves the names of the columns it sets.
+_chats: Table = Chat.__table__  # type: ignore[assignment]
+_messages: Table = StoredMessage.__table__  # type: ignore[assignment]
+
+
+def _next_sequence_statement(*, name_chat: bool) -> Update:
+    values: dict[str, Any] = {"last_sequence": _chats.c.last_sequence + 1, "updated_at": bindparam("p_now")}
+    if name_chat:
+        # Name an untitled chat after its first user message, in the same statement.
+        values["title"] = func.coalesce(_chats.c.title, bindparam("p_title"))
+    return (
+        update(_chats)
+        .where(_chats.c.id == bindparam("p_chat_id"), _chats.c.user_id == bindparam("p_user_id"))
+        .values(values)
+        .returning(_chats.c.last_sequence, _chats.c.title)
+    )
+
+
+def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
+    """Build one PostgreSQL statement that numbers and inserts a message: the UPDATE and the INSERT run as
+    data-modifying CTEs, and the statement returns the new sequence number and the chat's title.
+
+    A chat that is not the user's updates no row, so nothing is inserted and no row comes back.
+    """
+    numbered = next_sequence.cte("numbered")
+    stored = (
+        insert(_messages)
+        .from_select(
+            ["id", "chat_id", "sequence", "role", "content", "status", "metadata", "created_at"],
+            select(
+                bindparam("p_id", type_=_messages.c.id.type),
+                bindparam("p_chat_id", type_=_messages.c.chat_id.type),
+                numbered.c.last_sequence,
+                bindparam("p_role", type_=_messages.c.role.type),
+                bindparam("p_content", type_=_messages.c.content.type),
+                bindparam("p_status", type_=_messages.c.status.type),
+                bindparam("p_metadata", type_=_messages.c.metadata.type),
+                bindparam("p_now", type_=_messages.c.created_at.type),
+            ).select_from(numbered),
+        )
+        .returning(_messages.c.id)
+        .cte("stored")
+    )
+    return select(numbered.c.last_sequence, numbered.c.title).add_cte(stored)
+
+
+_NEXT_SEQUENCE = _next_sequence_statement(name_chat=False)
+_NEXT_SEQUENCE_NAMING_CHAT = _next_sequence_statement(name_chat=True)
+_INSERT_MESSAGE = insert(_messages)
+_NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
+_NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
+
+
 async def append_message(
     session: AsyncSession,
     user_id: uuid.UUID,
@@ -95,49 +156,66 @@ async def append_message(
     content: str,
     status: str = "complete",
     metadata: dict[str, Any] | None = None,
-) -> StoredMessage:
+) -> Message:
     """Store a message at the chat's next sequence number; raises ChatNotFound if the chat is gone.
 
     The number comes from one `UPDATE ... RETURNING` on the chat row, so concurrent posts to one chat get
     distinct, gap-free numbers: PostgreSQL makes the second writer wait for the row lock, and SQLite runs
-    one write transaction at a time.
+    one write transaction at a time. On PostgreSQL the UPDATE and the INSERT are one statement, which is
+    atomic on its own, so it is safe in `Database.statements()`. On SQLite they are two statements in the
+    session's transaction. Neither goes through the session's unit of work, which would cost more than the
+    statements themselves.
     """
     chat_id = chat.id if isinstance(chat, Chat) else chat
     now = utcnow()
-    values: dict[str, Any] = {"last_sequence": Chat.last_sequence + 1, "updated_at": now}
-    if role == "user":
-        # Name an untitled chat after its first user message, in the same statement.
-        values["title"] = func.coalesce(Chat.title, derive_title(content))
-    row = (
-        await session.execute(
-            update(Chat)
-            .where(Chat.id == chat_id, Chat.user_id == user_id)
-            .values(values)
-            .returning(Chat.last_sequence, Chat.title)
-            .execution_options(synchronize_session=False)
-        )
-    ).one_or_none()
-    if row is None:
-        raise ChatNotFound()
-    sequence, title = row
+    message_id = uuid.uuid4()
+    name_chat = role == "user"
+    parameters: dict[str, Any] = {"p_chat_id": chat_id, "p_user_id": user_id, "p_now": now}
+    if name_chat:
+        parameters["p_title"] = derive_title(content)
 
-    message = StoredMessage(
-        chat_id=chat_id,
-        sequence=sequence,
-        role=role,
-        content=content,
-        status=status,
-        extra_metadata=metadata,
-        created_at=now,
-    )
-    session.add(message)
-    await session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        statement = _NUMBERED_INSERT_NAMING_CHAT if name_chat else _NUMBERED_INSERT
+        parameters.update(p_id=message_id, p_role=role, p_content=content, p_status=status, p_metadata=metadata)
+        row = (await session.execute(statement, parameters)).one_or_none()
+        if row is None:
+            raise ChatNotFound()
+        sequence, title = row
+    else:
+        next_sequence = _NEXT_SEQUENCE_NAMING_CHAT if name_chat else _NEXT_SEQUENCE
+        row = (await session.execute(next_sequence, parameters)).one_or_none()
+        if row is None:
+            raise ChatNotFound()
+        sequence, title = row
+        await session.execute(
+            _INSERT_MESSAGE,
+            {
+                "id": message_id,
+                "chat_id": chat_id,
+                "sequence": sequence,
+                "role": role,
+                "content": content,
+                "status": status,
+                "metadata": metadata,
+                "created_at": now,
+            },
+        )
+
     if isinstance(chat, Chat):
         # The loaded chat learns the new values from RETURNING, as if loaded again, without another query.
         set_committed_value(chat, "last_sequence", sequence)
         set_committed_value(chat, "updated_at", now)
         set_committed_value(chat, "title", title)
-    return message
+    return Message(
+        id=message_id,
+        chat_id=chat_id,
+        role=role,
+        content=content,
+        sequence=sequence,
+        status=status,
+        metadata=metadata or {},
+        created_at=now,
+    )
 
 
 async def list_messages(
@@ -151,48 +229,66 @@ async def list_messages(
     return list(await session.scalars(statement))
 
 
-async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: int) -> list[HistoryEntry]:
-    """Load the messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them.
+# User messages whose reply failed are left out of a prompt: the user usually sends them again, and the
+# model should not see the same question twice in a row. The database filters them, so no message's
+# metadata has to be decoded here.
+_FAILED_USER_MESSAGE = and_(
+    StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
+)
+_RECENT_HISTORY = (
+    select(StoredMessage.role, StoredMessage.content)
+    .where(
+        StoredMessage.chat_id == bindparam("p_chat_id"),
+        StoredMessage.sequence < bindparam("p_before"),
+        not_(_FAILED_USER_MESSAGE),
+    )
+    .order_by(StoredMessage.sequence.desc())
+    .limit(HISTORY_LIMIT)
+)
 
-    User messages whose reply failed are left out: the user usually sends them again, and the model
-    should not see the same question twice in a row.
-    """
-    failed_user_message = and_(
-        StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
-    )
-    # The database leaves those out, so no message's metadata has to be decoded here.
-    rows = await session.execute(
-        select(StoredMessage.role, StoredMessage.content)
-        .where(StoredMessage.chat_id == chat_id, StoredMessage.sequence < before, not_(failed_user_message))
-        .order_by(StoredMessage.sequence.desc())
-        .limit(HISTORY_LIMIT)
-    )
+
+async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: int) -> list[HistoryEntry]:
+    """Load the messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them, without
+    user messages whose reply failed."""
+    rows = await session.execute(_RECENT_HISTORY, {"p_chat_id": chat_id, "p_before": before})
     return [HistoryEntry(role=role, content=content) for role, content in reversed(rows.all())]
 
 
-async def resolve_model(session: AsyncSession, user_id: uuid.UUID, chat: Chat) -> tuple[ModelConfig, ProviderConfig]:
-    """Find the model for a reply: the chat's configuration, else the user's default, with its provider."""
-    model_config = None
-    if chat.model_config_id is not None:
-        model_config = await session.scalar(
-            select(ModelConfig).where(ModelConfig.id == chat.model_config_id, ModelConfig.user_id == user_id)
-        )
-    if model_config is None:
-        model_config = await session.scalar(
-            select(ModelConfig).where(ModelConfig.user_id == user_id, ModelConfig.is_default.is_(True))
-        )
+# The chat's own model configuration sorts before the user's default, so one row answers both questions.
+_REPLY_MODEL = (
+    select(Chat.id, ModelConfig, ProviderConfig)
+    .outerjoin(
+        ModelConfig,
+        and_(
+            ModelConfig.user_id == Chat.user_id,
+            or_(ModelConfig.id == Chat.model_config_id, ModelConfig.is_default.is_(True)),
+        ),
+    )
+    .outerjoin(
+        ProviderConfig,
+        and_(ProviderConfig.user_id == Chat.user_id, ProviderConfig.provider == ModelConfig.provider),
+    )
+    .where(Chat.id == bindparam("p_chat_id"), Chat.user_id == bindparam("p_user_id"))
+    .order_by(case((ModelConfig.id == Chat.model_config_id, 0), else_=1))
+    .limit(1)
+)
+
+
+async def resolve_model(
+    session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID
+) -> tuple[ModelConfig, ProviderConfig]:
+    """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
+    provider. Raises ChatNotFound when the user has no such chat."""
+    row = (await session.execute(_REPLY_MODEL, {"p_chat_id": chat_id, "p_user_id": user_id})).one_or_none()
+    if row is None:
+        raise ChatNotFound()
+    _, model_config, provider_config = row
     if model_config is None:
         raise ModelNotConfigured()
     if not model_config.is_active:
         raise ModelNotConfigured(
             f"The model configuration '{model_config.display_name}' is deactivated; activate it or pick another."
         )
-
-    provider_config = await session.scalar(
-        select(ProviderConfig).where(
-            ProviderConfig.user_id == user_id, ProviderConfig.provider == model_config.provider
-        )
-    )
     spec = PROVIDERS.get(model_config.provider)
     if provider_config is None or spec is None or not provider_config.is_active:
         raise ProviderNotConfigured(

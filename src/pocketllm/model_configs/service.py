@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.errors import InvalidInput, NotFound
@@ -37,10 +37,16 @@ def parse_model_id(raw: str) -> uuid.UUID:
         raise ModelConfigNotFound() from error
 
 
+# Built once, so that each run skips building the expression and looking up its compiled form.
+_LIST_SAVED = (
+    select(ModelConfig)
+    .where(ModelConfig.user_id == bindparam("p_user_id"))
+    .order_by(ModelConfig.created_at, ModelConfig.id)
+)
+
+
 async def list_saved(session: AsyncSession, user_id: uuid.UUID) -> list[ModelConfig]:
-    result = await session.scalars(
-        select(ModelConfig).where(ModelConfig.user_id == user_id).order_by(ModelConfig.created_at, ModelConfig.id)
-    )
+    result = await session.scalars(_LIST_SAVED, {"p_user_id": user_id})
     return list(result)
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,10 +34,12 @@ class UsernameTaken(Conflict):
     default_message = "This username is taken; choose another."
 
 
+# Built once, so that each run skips building the expression and looking up its compiled form.
+_PROFILE = select(User, Profile).join(Profile, Profile.id == User.id).where(User.id == bindparam("p_user_id"))
+
+
 async def get_profile(session: AsyncSession, user_id: uuid.UUID) -> tuple[User, Profile]:
-    row = (
-        await session.execute(select(User, Profile).join(Profile, Profile.id == User.id).where(User.id == user_id))
-    ).one_or_none()
+    row = (await session.execute(_PROFILE, {"p_user_id": user_id})).one_or_none()
     if row is None:
         raise ProfileNotFound()
     return row[0], row[1]
