@@ -369,6 +369,47 @@ class TestReplies:
         assert chat_after["model_config_id"] is None
         assert_error(response, 400, "model_not_configured")
 
+    async def test_chat_model_wins_over_default(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        default = await setup_openai_model(client, headers, fake_provider)
+        imported = await client.post(
+            "/v1/models/import", headers=headers, json={"provider": "openai", "models": ["gpt-4o"]}
+        )
+        chosen = imported.json()[0]
+        assert default["is_default"]
+        assert not chosen["is_default"]
+        pinned = await new_chat(client, headers, model_config_id=chosen["id"])
+        unpinned = await new_chat(client, headers)
+
+        pinned_reply = await send(client, headers, pinned["id"])
+        pinned_model = fake_provider.last_request("/chat/completions").body["model"]
+        unpinned_reply = await send(client, headers, unpinned["id"])
+        unpinned_model = fake_provider.last_request("/chat/completions").body["model"]
+
+        assert pinned_reply.json()["metadata"]["model_config_id"] == chosen["id"]
+        assert pinned_model == "gpt-4o"
+        assert unpinned_reply.json()["metadata"]["model_config_id"] == default["id"]
+        assert unpinned_model == "gpt-4o-mini"
+
+    async def test_deactivated_chat_model_does_not_fall_back(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        imported = await client.post(
+            "/v1/models/import", headers=headers, json={"provider": "openai", "models": ["gpt-4o"]}
+        )
+        chosen = imported.json()[0]
+        chat = await new_chat(client, headers, model_config_id=chosen["id"])
+        deactivated = await client.patch(f"/v1/models/{chosen['id']}", headers=headers, json={"is_active": False})
+        assert deactivated.status_code == 200, deactivated.text
+
+        response = await send(client, headers, chat["id"])
+
+        assert_error(response, 400, "model_not_configured")
+        assert await messages_of(client, headers, chat["id"]) == []
+        assert [r for r in fake_provider.requests if r.path.endswith("/chat/completions")] == []
+
     @pytest.mark.parametrize("role", ["assistant", "system"])
     async def test_non_user_messages_are_only_stored(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, role: str
