@@ -1,8 +1,9 @@
 """An incremental Server-Sent Events parser that follows "Interpreting an event stream" in the WHATWG HTML
 Living Standard (https://html.spec.whatwg.org/multipage/server-sent-events.html).
 
-`SseDecoder` is fed text in chunks of any size and returns the events completed so far. `iter_sse_events`
-drives it from an async iterator of text chunks, and `decode_utf8` turns byte chunks into that text.
+`SseDecoder` is fed text or UTF-8 bytes in chunks of any size and returns the events completed so far.
+`iter_sse_events` drives it from an async iterator of text chunks, and `decode_utf8` turns byte chunks into
+that text.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class SseDecoder:
         self._last_event_id: str | None = None
         # True once a field line of the current event was read, so `end` can tell an open event from a gap.
         self._event_open = False
+        # The UTF-8 decoder of `feed_bytes`, created at its first call.
+        self._utf8: codecs.BufferedIncrementalDecoder | None = None
 
     @property
     def ended_cleanly(self) -> bool:
@@ -97,6 +100,15 @@ class SseDecoder:
         self._append_to_line(text[start:])
         return events
 
+    def feed_bytes(self, data: bytes) -> list[SseEvent]:
+        """Decode the next chunk as UTF-8, which event streams always use, and `feed` the text.
+
+        Invalid bytes become U+FFFD, and a character split between two chunks is decoded whole.
+        """
+        if self._utf8 is None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return self.feed(self._utf8.decode(data))
+
     def end(self) -> SseEvent | None:
         """Mark the end of the stream and return the unterminated event, if any.
 
@@ -106,6 +118,9 @@ class SseDecoder:
         """
         if self.ended:
             return self.unterminated_event
+        if self._utf8 is not None:
+            # Bytes of an unfinished character become U+FFFD. They hold no line break, so no event ends here.
+            self.feed(self._utf8.decode(b"", final=True))
         self.ended = True
 
         ended_inside_line = bool(self._line_parts)

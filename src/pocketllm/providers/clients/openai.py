@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from pocketllm.errors import PocketLLMError
+from pocketllm.kit.sse import SseEvent
 from pocketllm.providers.chat import (
     ChatRequest,
     ChatResult,
@@ -124,12 +125,18 @@ async def _stream_text(
                 if event.data.strip() == "[DONE]":
                     progress.finished = True
                     return
-                chunk = parse_json(event.data, provider=target.provider, description="a stream event")
-                if not isinstance(chunk, dict):
-                    continue
-                if event.event == "error" or chunk.get("error") is not None:
-                    raise _error_from_object(chunk.get("error", chunk), target=target, model=request.model)
-                yield _read_chunk(chunk, progress)
+                # Parsed in a function, so that this generator keeps no reference to the decoded chunk while it waits.
+                yield _read_event(event, progress, target=target, model=request.model)
+
+
+def _read_event(event: SseEvent, progress: StreamProgress, *, target: ProviderTarget, model: str) -> str:
+    """Decode a stream event and return its text. An error event raises a domain error."""
+    chunk = parse_json(event.data, provider=target.provider, description="a stream event")
+    if not isinstance(chunk, dict):
+        return ""
+    if event.event == "error" or chunk.get("error") is not None:
+        raise _error_from_object(chunk.get("error", chunk), target=target, model=model)
+    return _read_chunk(chunk, progress)
 
 
 def _read_chunk(chunk: dict[str, Any], progress: StreamProgress) -> str:
