@@ -28,6 +28,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("benchmarks.open_streams", ["--streams", "100", "--step", "25", "--hold-seconds", "120"]),
     ("benchmarks.history_length", ["--requests", "20", "--rounds", "2"]),
     ("benchmarks.jobs_throughput", ["--jobs", "200", "--latency-jobs", "40"]),
+    ("benchmarks.provider_tls", ["--requests", "200"]),
 ]
 JSON_PREFIX = "BENCHMARK-JSON "
 # Far above the longest full run of one benchmark; a benchmark that passes it is stopped and counted failed.

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pocketllm.errors import InvalidInput
-from pocketllm.providers.guard import OutboundGuard, ProviderUnreachable, ProviderUrlNotAllowed
+from pocketllm.providers.guard import HostClients, OutboundGuard, ProviderUnreachable, ProviderUrlNotAllowed
 
 METADATA_LOCATION = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
 PRIVATE_HINT = "ALLOW_PRIVATE_PROVIDER_URLS=true"
@@ -859,3 +859,95 @@ async def test_https_connection_not_reused_across_names(tmp_path: Path) -> None:
         f"a.provider.test:{stub.port}",
         f"b.provider.test:{stub.port}",
     ]
+
+
+# HTTPS through HostClients: connections are kept per host name
+
+
+def host_clients(
+    client_context: ssl.SSLContext, *, max_hosts: int = 8
+) -> tuple[HostClients, list[LoopbackOnlyTransport]]:
+    """HostClients whose clients connect to 127.0.0.1 only; also returns every transport they were given."""
+    transports: list[LoopbackOnlyTransport] = []
+
+    def make_client() -> httpx.AsyncClient:
+        transport = LoopbackOnlyTransport(verify=client_context)
+        transports.append(transport)
+        return httpx.AsyncClient(transport=transport, trust_env=False, timeout=5)
+
+    return HostClients(make_client, max_hosts=max_hosts), transports
+
+
+async def test_https_connection_reused_for_same_name(tmp_path: Path) -> None:
+    stub, client_context = start_tls_stub(tmp_path, ["provider.test"])
+    clients, _ = host_clients(client_context)
+    guard = OutboundGuard(allow_private=True, resolver=resolver_for(provider_test=["127.0.0.1"]))
+    try:
+        for _ in range(3):
+            response = await guard.request(clients, "GET", f"https://provider.test:{stub.port}/v1/models")
+            assert response.status_code == 200
+    finally:
+        await clients.aclose()
+        stub.stop()
+
+    # One TLS handshake for three requests, each verified for the name and sent to the checked address.
+    assert stub.server_names == ["provider.test"]
+    assert len(stub.requests) == 3
+    assert [request.headers["connection"] for request in stub.requests] == ["keep-alive"] * 3
+
+
+async def test_host_clients_keep_names_apart(tmp_path: Path) -> None:
+    # Both names resolve to 127.0.0.1; each keeps its own connection, verified for its own name.
+    stub, client_context = start_tls_stub(tmp_path, ["a.provider.test", "b.provider.test"])
+    clients, transports = host_clients(client_context)
+    resolver = resolver_for(a_provider_test=["127.0.0.1"], b_provider_test=["127.0.0.1"])
+    guard = OutboundGuard(allow_private=True, resolver=resolver)
+    try:
+        for name in ("a", "b", "a", "b"):
+            response = await guard.request(clients, "GET", f"https://{name}.provider.test:{stub.port}/v1/models")
+            assert response.status_code == 200
+    finally:
+        await clients.aclose()
+        stub.stop()
+
+    assert stub.server_names == ["a.provider.test", "b.provider.test"]
+    assert [request.headers["host"] for request in stub.requests] == [
+        f"{name}.provider.test:{stub.port}" for name in ("a", "b", "a", "b")
+    ]
+    # The shared client (made first) sent nothing; each name had a client of its own.
+    assert [transport.hosts for transport in transports] == [[], ["127.0.0.1"] * 2, ["127.0.0.1"] * 2]
+
+
+async def test_host_clients_past_limit_close_connections(tmp_path: Path) -> None:
+    stub, client_context = start_tls_stub(tmp_path, ["a.provider.test", "b.provider.test"])
+    clients, _ = host_clients(client_context, max_hosts=1)
+    resolver = resolver_for(a_provider_test=["127.0.0.1"], b_provider_test=["127.0.0.1"])
+    guard = OutboundGuard(allow_private=True, resolver=resolver)
+    try:
+        for name in ("a", "b", "b", "a"):
+            response = await guard.request(clients, "GET", f"https://{name}.provider.test:{stub.port}/v1/models")
+            assert response.status_code == 200
+    finally:
+        await clients.aclose()
+        stub.stop()
+
+    # The second name found no room, so each of its requests used and closed a connection of its own.
+    assert stub.server_names == ["a.provider.test", "b.provider.test", "b.provider.test"]
+    assert [request.headers["connection"] for request in stub.requests] == [
+        "keep-alive",
+        "close",
+        "close",
+        "keep-alive",
+    ]
+
+
+async def test_plain_http_uses_shared_client(http_stub: ProviderStub) -> None:
+    clients, transports = host_clients(ssl.create_default_context())
+    guard = OutboundGuard(allow_private=True, resolver=resolver_for(provider_test=["127.0.0.1"]))
+    try:
+        response = await guard.request(clients, "GET", f"http://provider.test:{http_stub.port}/v1/models")
+    finally:
+        await clients.aclose()
+
+    assert response.status_code == 200
+    assert [transport.hosts for transport in transports] == [["127.0.0.1"]]

@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
 from fastapi import Depends, Request
 
 from pocketllm.kit.cache import JsonCache
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.providers.catalogue import Catalogue
+from pocketllm.providers.guard import HostClients
 from pocketllm.providers.http import ProviderHttp
 
 
 @dataclass(slots=True)
 class ProviderRuntime:
-    http_client: httpx.AsyncClient
+    http_client: HostClients
     http: ProviderHttp
     catalogue: Catalogue
     cache: JsonCache

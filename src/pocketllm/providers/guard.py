@@ -38,6 +38,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 ALLOWED_SCHEMES = ("http", "https")
+# How many HTTPS host names get a connection pool of their own (see HostClients); users can name any host.
+MAX_HOST_CLIENTS = 256
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Two attempts at glibc's default 5-second resolver timeout (resolv.conf `timeout:5`, `attempts:2`).
 DEFAULT_RESOLVE_TIMEOUT_SECONDS = 10.0
@@ -154,23 +156,21 @@ class OutboundGuard:
         # NOTE: requests go to the first address only, with no fallback to the others when it is unreachable.
         return CheckedTarget(url, scheme, host, port, str(addresses[0]), host_is_ip_address=False)
 
-    async def request(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def request(self, clients: Clients, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """Check `url`, send the request to the checked address and return the response, never following redirects.
 
         `kwargs` go to `client.build_request` (params, headers, json, content, timeout, extensions, ...).
         A 3xx response is returned as is, and callers must treat it as an error instead of requesting its Location.
         """
         target = await self.check(url)
-        request = _build_pinned_request(client, method, target, kwargs)
+        client, request = _build_pinned_request(clients, method, target, kwargs)
         return await client.send(request, follow_redirects=False)
 
     @asynccontextmanager
-    async def stream(
-        self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
-    ) -> AsyncIterator[httpx.Response]:
+    async def stream(self, clients: Clients, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """Like `request`, but yield the response before its body is read, for server-sent events."""
         target = await self.check(url)
-        request = _build_pinned_request(client, method, target, kwargs)
+        client, request = _build_pinned_request(clients, method, target, kwargs)
         response = await client.send(request, stream=True, follow_redirects=False)
         try:
             yield response
@@ -373,10 +373,62 @@ def _ipv6_reason(address: ipaddress.IPv6Address) -> str | None:
     return None
 
 
+class HostClients:
+    """HTTP clients for pinned requests that keep HTTPS connections alive without mixing host names.
+
+    The guard sends each request to the checked IP address, and httpcore pools connections by scheme,
+    address and port. In one shared pool, a TLS connection whose certificate was verified for one host name
+    could then carry a request for another name that resolves to the same address (common behind CDNs),
+    with that request's API key. So HTTPS requests to a host name go through a client of their own, whose
+    pool only ever holds connections verified for that name, and its connections are reused like any other.
+    Plain HTTP and IP addresses, where no name is verified, share one client.
+
+    At most `max_hosts` host names get a client; requests to further names use the shared client with
+    `Connection: close`, so that each of them opens and verifies its own connection.
+    """
+
+    def __init__(
+        self,
+        make_client: Callable[[], httpx.AsyncClient],
+        *,
+        shared: httpx.AsyncClient | None = None,
+        max_hosts: int = MAX_HOST_CLIENTS,
+    ) -> None:
+        self._make_client = make_client
+        self.shared = shared if shared is not None else make_client()
+        self._max_hosts = max_hosts
+        self._by_host: dict[str, httpx.AsyncClient] = {}
+
+    def client_for(self, target: CheckedTarget) -> tuple[httpx.AsyncClient, bool]:
+        """Return the client for `target`, and whether its connection may stay open for later requests."""
+        if target.scheme != "https" or target.host_is_ip_address:
+            return self.shared, True
+        name = target.host.rstrip(".")
+        client = self._by_host.get(name)
+        if client is None:
+            if len(self._by_host) >= self._max_hosts:
+                return self.shared, False
+            client = self._by_host[name] = self._make_client()
+        return client, True
+
+    async def aclose(self) -> None:
+        for client in (self.shared, *self._by_host.values()):
+            await client.aclose()
+        self._by_host.clear()
+
+
+# A plain client is treated as HostClients with no room for host names: HTTPS to a name closes its connection.
+Clients = HostClients | httpx.AsyncClient
+
+
 def _build_pinned_request(
-    client: httpx.AsyncClient, method: str, target: CheckedTarget, options: dict[str, Any]
-) -> httpx.Request:
-    """Build the request for `target` with the URL host replaced by the checked address."""
+    clients: Clients, method: str, target: CheckedTarget, options: dict[str, Any]
+) -> tuple[httpx.AsyncClient, httpx.Request]:
+    """Pick the client for `target` and build the request with the URL host replaced by the checked address."""
+    if isinstance(clients, HostClients):
+        client, reusable = clients.client_for(target)
+    else:
+        client, reusable = clients, target.scheme != "https" or target.host_is_ip_address
     options = dict(options)
     headers = httpx.Headers(options.pop("headers", None))
     extensions = dict(options.pop("extensions", None) or {})
@@ -384,19 +436,15 @@ def _build_pinned_request(
     # The Host header carries the host and port as written, so virtual hosting works. It replaces a caller's Host.
     headers["Host"] = httpx.URL(target.url).netloc.decode("ascii")
 
-    if target.scheme == "https":
-        if not target.host_is_ip_address:
-            # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
-            # extension as `server_hostname` to start_tls, falling back to the URL host only when it is
-            # missing. anyio 4.16 (TLSStream.wrap) hands it to SSLContext.wrap_bio(server_hostname=...), so
-            # it is both the SNI name and the name that check_hostname verifies the certificate against.
-            extensions["sni_hostname"] = target.host.rstrip(".")
-        # httpcore pools connections by (scheme, host, port), and the host is now an IP address. Without this
-        # header, a connection verified for one host name could be reused for another name that resolves to
-        # the same address, which is common behind CDNs. That request and its key would then travel over a
-        # TLS session whose certificate was never checked for its name.
-        # NOTE: as a result https provider connections are never reused, and each request pays a new handshake.
+    if target.scheme == "https" and not target.host_is_ip_address:
+        # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
+        # extension as `server_hostname` to start_tls, falling back to the URL host only when it is
+        # missing. anyio 4.16 (TLSStream.wrap) hands it to SSLContext.wrap_bio(server_hostname=...), so
+        # it is both the SNI name and the name that check_hostname verifies the certificate against.
+        extensions["sni_hostname"] = target.host.rstrip(".")
+    if not reusable:
+        # A client shared by several host names must not keep this connection: see HostClients.
         headers["Connection"] = "close"
 
     pinned_url = httpx.URL(target.url).copy_with(host=target.address)
-    return client.build_request(method, pinned_url, headers=headers, extensions=extensions, **options)
+    return client, client.build_request(method, pinned_url, headers=headers, extensions=extensions, **options)

@@ -20,7 +20,7 @@ import structlog
 from pocketllm.errors import PocketLLMError
 from pocketllm.kit.metrics import time_provider_call
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
-from pocketllm.providers.guard import OutboundGuard
+from pocketllm.providers.guard import Clients, OutboundGuard
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +63,7 @@ def provider_error_message(response: httpx.Response, secret: str | None) -> str:
 class ProviderHttp:
     """Sends provider requests through the guard on the process-wide HTTP client."""
 
-    def __init__(self, client: httpx.AsyncClient, guard: OutboundGuard) -> None:
+    def __init__(self, client: Clients, guard: OutboundGuard) -> None:
         self.client = client
         self.guard = guard
 
