@@ -14,6 +14,7 @@ from pocketllm.db.engine import Database
 from pocketllm.db.types import utcnow
 from pocketllm.errors import InvalidInput
 from pocketllm.jobs.images import ImageResult, generate_images
+from pocketllm.jobs.notify import listener_dsn
 from pocketllm.jobs.prices import CREDITS_PER_USD, ImageRequest
 from pocketllm.jobs.queue import ClaimedJob, JobQueue
 from pocketllm.jobs.schemas import IMAGE_GENERATION
@@ -246,4 +247,5 @@ def build_job_worker(
         heartbeat_seconds=settings.job_heartbeat_seconds,
         shutdown_grace_seconds=settings.job_shutdown_grace_seconds,
         periodic=periodic,
+        listen_dsn=listener_dsn(settings.effective_database_url),
     )

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.db.types import utcnow
 from pocketllm.errors import Conflict, InvalidInput, NotFound, PocketLLMError
+from pocketllm.jobs.notify import announce_job
 from pocketllm.jobs.prices import (
     CostEstimate,
     ImageRequest,
@@ -286,6 +287,7 @@ async def create_image_job(
         if existing is None:
             raise
         return _same_request(existing, fingerprint), False
+    await announce_job(session)
     log.info("job.queued", job_id=str(job.id), job_type=job.job_type, provider=resolved.provider)
     return job, True
 
@@ -425,6 +427,7 @@ async def retry(session: AsyncSession, user_id: uuid.UUID, job_id: uuid.UUID) ->
     job.finished_at = None
     job.updated_at = now
     await session.flush()
+    await announce_job(session)
     log.info("job.retried", job_id=str(job.id))
     return job
 

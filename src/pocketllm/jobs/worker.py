@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from pocketllm.errors import PocketLLMError
+from pocketllm.jobs.notify import JobListener
 from pocketllm.jobs.queue import ClaimedJob, JobQueue
 from pocketllm.kit.metrics import JobAttemptOutcome, record_job_attempt
 from pocketllm.storage.service import FileStorage
@@ -104,6 +105,7 @@ class JobWorker:
         periodic: Sequence[PeriodicTask] = (),
         maintenance_max_attempts: int = 3,
         worker_id: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -121,6 +123,8 @@ class JobWorker:
         self._periodic = tuple(periodic)
         self._maintenance_max_attempts = maintenance_max_attempts
         self._wake = asyncio.Event()
+        # On PostgreSQL, notices of queued jobs wake the worker at once instead of at its next poll.
+        self.listener = JobListener(listen_dsn, self.wake) if listen_dsn else None
         self._running: set[asyncio.Task[None]] = set()
         self._processed = 0
         # Ids of recently attempted jobs, newest last, for `wait_attempted`.
@@ -144,13 +148,15 @@ class JobWorker:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("worker.started", worker=self.worker_id, concurrency=self._concurrency)
         scheduler = asyncio.create_task(self._schedule_periodic(stop), name="job-scheduler") if self._periodic else None
+        listener = asyncio.create_task(self.listener.run(stop), name="job-listener") if self.listener else None
         try:
             await self._claim_loop(stop)
         finally:
-            if scheduler is not None:
-                scheduler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await scheduler
+            for task in (scheduler, listener):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self._finish_running()
             log.info("worker.stopped", worker=self.worker_id, completed=self.stats.completed, failed=self.stats.failed)
 
