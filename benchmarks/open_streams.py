@@ -14,6 +14,9 @@ Then the upstream releases every stream, the replies are stored, and the RSS is 
 * Time to first token: p50 and p99 over the streams opened in the last step, which were opened at once
   while the earlier streams stayed open, and over all streams.
 * Memory after the streams end, as a ratio to the RSS before the first step (target: within 10%).
+* Growth in a second, identical ramp: (RSS after the second ramp - RSS after the first) / (RSS after the
+  first - RSS before). Near 0 means the memory kept after the first ramp is the allocator's, reused by the
+  second; near 1 would mean each ramp leaks as much again.
 
     python -m benchmarks.open_streams                    # full run: 100 to 1,000 streams on PostgreSQL
     python -m benchmarks.open_streams --streams 100 --step 25
@@ -42,8 +45,10 @@ from benchmarks.common import (
     slope,
 )
 from benchmarks.launch import (
+    Account,
     DatabaseKind,
     Server,
+    Upstream,
     bench_json,
     database_url_for,
     parse_databases,
@@ -145,27 +150,26 @@ async def measure_database(database: DatabaseKind, arguments: argparse.Namespace
                 await asyncio.sleep(SETTLE_SECONDS)
                 rss_start = rss_bytes(server.pid)
 
-                await upstream.configure(hold_seconds=arguments.hold_seconds)
-                streams = StreamSet(server, account.headers, account.chat_ids)
-                try:
-                    figures = await ramp(server, streams, arguments)
-                finally:
-                    released = await upstream.release()
-                    await upstream.configure(hold_seconds=0)
-                    results = await asyncio.wait_for(
-                        asyncio.gather(*streams.tasks, return_exceptions=True), timeout=arguments.drain_seconds
-                    )
-                errors = [result for result in results if isinstance(result, BaseException)]
+                figures, released, errors = await ramp_and_release(server, upstream, account, arguments)
                 await asyncio.sleep(SETTLE_SECONDS)
                 rss_end = rss_bytes(server.pid)
                 pool_after = await bench_json(server, "/bench/pool")
+                # The same ramp again. Memory that the allocator kept after the first one is reused, so the
+                # RSS stays where it was; memory that leaks grows it by about as much again.
+                _, second_released, second_errors = await ramp_and_release(server, upstream, account, arguments)
+                await asyncio.sleep(SETTLE_SECONDS)
+                rss_second_end = rss_bytes(server.pid)
                 figures.update(
                     {
                         "rss_start_mib": rss_start / MEBIBYTE,
                         "rss_end_mib": rss_end / MEBIBYTE,
                         "rss_end_to_start_ratio": rss_end / rss_start,
-                        "streams_released": released,
-                        "stream_errors": len(errors),
+                        "rss_second_end_mib": rss_second_end / MEBIBYTE,
+                        "rss_growth_second_to_first_ratio": (rss_second_end - rss_end) / (rss_end - rss_start)
+                        if rss_end > rss_start
+                        else float("nan"),
+                        "streams_released": released + second_released,
+                        "stream_errors": len(errors) + len(second_errors),
                         "pool_after": pool_after,
                     }
                 )
@@ -173,6 +177,26 @@ async def measure_database(database: DatabaseKind, arguments: argparse.Namespace
                 return figures
     finally:
         processes.stop_all()
+
+
+async def ramp_and_release(
+    server: Server, upstream: Upstream, account: Account, arguments: argparse.Namespace
+) -> tuple[dict[str, Any], int, list[BaseException]]:
+    """Open streams step by step (see `ramp`), then release them all and wait until every reply was stored.
+
+    Returns the ramp's figures, the number of streams released and the streams that failed.
+    """
+    await upstream.configure(hold_seconds=arguments.hold_seconds)
+    streams = StreamSet(server, account.headers, account.chat_ids)
+    try:
+        figures = await ramp(server, streams, arguments)
+    finally:
+        released = await upstream.release()
+        await upstream.configure(hold_seconds=0)
+        results = await asyncio.wait_for(
+            asyncio.gather(*streams.tasks, return_exceptions=True), timeout=arguments.drain_seconds
+        )
+    return figures, released, [result for result in results if isinstance(result, BaseException)]
 
 
 async def ramp(server: Server, streams: StreamSet, arguments: argparse.Namespace) -> dict[str, Any]:
@@ -278,6 +302,8 @@ def report(all_figures: dict[str, dict[str, Any]]) -> None:
             figures["rss_end_mib"],
             figures["rss_end_to_start_ratio"],
             "yes" if figures["rss_end_to_start_ratio"] <= MEMORY_RETURN_TARGET else "no",
+            figures["rss_second_end_mib"],
+            figures["rss_growth_second_to_first_ratio"],
             figures["pool_max_checked_out_while_waiting"],
             figures["stream_errors"],
         ]
@@ -295,6 +321,8 @@ def report(all_figures: dict[str, dict[str, Any]]) -> None:
             "RSS end MiB",
             "end/start",
             "within 10%",
+            "RSS after 2nd ramp MiB",
+            "2nd ramp growth / 1st",
             "pool max out",
             "stream errors",
         ],
