@@ -222,6 +222,18 @@ class TestBodyChecks:
         assert body["detail"][0]["loc"] == location
         assert "NUL" in body["message"]
 
+    @pytest.mark.parametrize("query", ["job_type=%00", "job_type=image%00generation", "status=pending&job_type=a%00"])
+    async def test_nul_in_query_is_422(self, client: httpx.AsyncClient, unique_email: str, query: str) -> None:
+        headers = auth_headers(await sign_up(client, unique_email))
+
+        response = await client.get(f"/v1/jobs?{query}", headers=headers)
+
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["code"] == "validation_error"
+        assert body["detail"][0]["loc"] == ["query", "job_type"]
+        assert "NUL" in body["message"]
+
     async def test_escaped_backslash_is_not_nul(self, client: httpx.AsyncClient) -> None:
         response = await client.post("/v1/auth/validate-invite-code", json={"code": "AB\\u0000CD"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -42,6 +43,17 @@ def run_cli(
     )
 
 
+async def run_cli_in_thread(
+    *arguments: str, database_url: str, data_dir: Path, extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command in a thread, so the app in this test's event loop keeps running.
+
+    A blocked loop cannot finish a transaction that holds the SQLite write lock, and the command then
+    fails with "database is locked" once its busy timeout has passed.
+    """
+    return await asyncio.to_thread(run_cli, *arguments, database_url=database_url, data_dir=data_dir, extra=extra)
+
+
 def test_help_lists_commands(tmp_path: Path) -> None:
     result = run_cli("--help", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
 
@@ -71,7 +83,7 @@ def test_keys_generate_prints_fernet_key(tmp_path: Path) -> None:
 async def test_created_invite_lets_one_user_sign_up(
     client: httpx.AsyncClient, database_url: str, tmp_path: Path
 ) -> None:
-    created = run_cli(
+    created = await run_cli_in_thread(
         "invites", "create", "--max-uses", "1", "--expires-in-days", "2", database_url=database_url, data_dir=tmp_path
     )
     assert created.returncode == 0, created.stderr
@@ -87,7 +99,7 @@ async def test_created_invite_lets_one_user_sign_up(
 
     assert first.status_code == 200
     assert second.status_code == 403
-    listed = run_cli("invites", "list", database_url=database_url, data_dir=tmp_path)
+    listed = await run_cli_in_thread("invites", "list", database_url=database_url, data_dir=tmp_path)
     line = next(line for line in listed.stdout.splitlines() if line.startswith(code))
     assert "exhausted" in line
     assert "1/1" in line
@@ -115,7 +127,9 @@ async def test_waitlist_approve_allows_sign_up(client: httpx.AsyncClient, databa
     blocked = await client.post("/v1/auth/signup", json={"email": "grace@example.com", "password": DEFAULT_PASSWORD})
     assert blocked.status_code == 403
 
-    approved = run_cli("waitlist", "approve", "Grace@Example.com", database_url=database_url, data_dir=tmp_path)
+    approved = await run_cli_in_thread(
+        "waitlist", "approve", "Grace@Example.com", database_url=database_url, data_dir=tmp_path
+    )
     assert approved.returncode == 0, approved.stderr
     assert "grace@example.com" in approved.stdout
 
@@ -276,7 +290,7 @@ async def test_keys_rotate_reencrypts_under_primary(database_url: str, tmp_path:
         )
 
     environment_key = f"{new_key},{old_key}"
-    result = run_cli(
+    result = await run_cli_in_thread(
         "keys", "rotate", database_url=database_url, data_dir=tmp_path, extra={"ENCRYPTION_KEY": environment_key}
     )
 
@@ -308,7 +322,7 @@ async def test_keys_rotate_reports_unreadable_keys(database_url: str, tmp_path: 
             )
         )
 
-    result = run_cli(
+    result = await run_cli_in_thread(
         "keys",
         "rotate",
         database_url=database_url,

@@ -186,6 +186,7 @@ async def test_missing_alg_rejected(client: httpx.AsyncClient, claims: dict[str,
     response = await get_profile(client, bearer(token))
 
     assert_unauthorized(response, "token_algorithm_rejected")
+    assert "names no algorithm" in response.json()["detail"]
 
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
 
 from pocketllm.config import Settings
@@ -79,7 +80,12 @@ async def test_notice_starts_job_before_next_poll(listening_worker: JobWorker, d
 
 
 @pytest.mark.postgres_only
-async def test_listener_reconnects_after_losing_its_connection(listening_worker: JobWorker, database: Database) -> None:
+async def test_listener_reconnects_after_losing_its_connection(
+    app: FastAPI, listening_worker: JobWorker, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The app fixture configures logging as `pocketllm serve` does, through the standard library.
+    listener = listening_worker.listener
+    assert listener is not None
     async with database.transaction() as session:
         terminated = await session.scalar(
             text(
@@ -89,11 +95,12 @@ async def test_listener_reconnects_after_losing_its_connection(listening_worker:
         )
     assert terminated == 1
 
-    # Sent while the listener may still be reconnecting: either the notice or the wake-up that follows a
-    # reconnection starts the job.
+    await asyncio.wait_for(listener.reconnected.wait(), WAIT_SECONDS)
     job_id = await queue_and_announce(database)
 
     await asyncio.wait_for(listening_worker.wait_attempted(job_id), WAIT_SECONDS)
+    assert "worker.listen_lost" in caplog.text
+    assert "worker.listening_again" in caplog.text
 
 
 @pytest.mark.postgres_only

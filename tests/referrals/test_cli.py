@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,16 +10,7 @@ from sqlalchemy import select
 
 from pocketllm.db.engine import Database
 from pocketllm.models import WaitlistApplication
-from tests.test_cli import run_cli
-
-
-async def run_cli_in_thread(*arguments: str, database_url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Run the command in a thread, so the app in this test's event loop keeps running.
-
-    A blocked loop cannot finish a transaction that holds the SQLite write lock, and the command then
-    fails with "database is locked" once its busy timeout has passed.
-    """
-    return await asyncio.to_thread(run_cli, *arguments, database_url=database_url, data_dir=data_dir)
+from tests.test_cli import run_cli, run_cli_in_thread
 
 
 async def status_of(database: Database, email: str) -> str | None:

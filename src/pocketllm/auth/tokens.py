@@ -133,6 +133,10 @@ class AccessTokenVerifier:
             raise TokenMalformed() from error
 
         algorithm = header.get("alg")
+        if algorithm is None:
+            raise TokenAlgorithmRejected(
+                f"The access token's header names no algorithm; accepted: {', '.join(self._algorithms)}."
+            )
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:
             raise TokenAlgorithmRejected(
                 f"The access token uses algorithm {str(algorithm)[:16]!r}; accepted: {', '.join(self._algorithms)}."

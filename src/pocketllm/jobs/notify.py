@@ -53,6 +53,8 @@ class JobListener:
         self._dsn = dsn
         self._on_notice = on_notice
         self.listening = asyncio.Event()
+        # Set once the listener is listening again after a lost connection.
+        self.reconnected = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         pause = FIRST_RECONNECT_SECONDS
@@ -66,9 +68,13 @@ class JobListener:
                 await connection.add_listener(JOBS_CHANNEL, self._notice)
                 self.listening.set()
                 if reconnected:
+                    log.info("worker.listening_again")
+                    self.reconnected.set()
                     self._on_notice()
                 pause = FIRST_RECONNECT_SECONDS
                 await _first_of(stop, lost)
+                if lost.is_set() and not stop.is_set():
+                    log.warning("worker.listen_lost", retry_in=pause)
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
                 # The error type only: connection errors can quote the connection string.
                 log.warning("worker.listen_failed", error=type(error).__name__, retry_in=pause)

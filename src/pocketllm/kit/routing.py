@@ -149,11 +149,21 @@ class JsonBodyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def check_then_handle(request: Request) -> Response:
+            if b"%00" in request.scope["query_string"]:
+                _check_query(request)
             if request.method in _BODY_METHODS and "json" in request.headers.get("content-type", ""):
                 await _check_json_body(request)
             return await handler(request)
 
         return check_then_handle
+
+
+def _check_query(request: Request) -> None:
+    """Reject query parameters with NUL characters, which PostgreSQL cannot take even as a filter value."""
+    for name, value in request.query_params.multi_items():
+        message = _string_problem(name) or _string_problem(value)
+        if message:
+            raise RequestValidationError([{"type": "string_not_storable", "loc": ("query", name), "msg": message}])
 
 
 async def _check_json_body(request: Request) -> None:
