@@ -112,19 +112,14 @@ class Database:
 
         On PostgreSQL every statement commits by itself (autocommit): no BEGIN and COMMIT round trips, and
         no transaction spans two statements, so a failure leaves the earlier statements stored. On SQLite it
-        is one write transaction, like `transaction()`, because there a statement costs no round trip.
+        is one write transaction, like `transaction()`: there is no network round trip to save.
         """
         if self.dialect != "postgresql":
             async with self.transaction() as session:
                 yield session
             return
-        async with self.sessionmaker() as session:
-            await session.connection(execution_options=_AUTOCOMMIT_OPTIONS)
-            try:
-                yield session
-            finally:
-                session.expunge_all()
-                await session.rollback()
+        async with self._session_with(_AUTOCOMMIT_OPTIONS) as session:
+            yield session
 
     @asynccontextmanager
     async def read_only(self, *, snapshot: bool = True) -> AsyncIterator[AsyncSession]:
@@ -136,6 +131,12 @@ class Database:
         like objects from a committed transaction.
         """
         options = _READ_ONLY_OPTIONS if snapshot or self.dialect != "postgresql" else _AUTOCOMMIT_OPTIONS
+        async with self._session_with(options) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _session_with(self, options: dict[str, Any]) -> AsyncIterator[AsyncSession]:
+        """Yield a session whose connection has `options`, rolled back at the end with its objects detached."""
         async with self.sessionmaker() as session:
             await session.connection(execution_options=options)
             try:
