@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -95,6 +96,8 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+        # Queues this process's `statements()` blocks on SQLite; see there.
+        self._sqlite_writer = asyncio.Lock()
 
     @property
     def dialect(self) -> str:
@@ -115,7 +118,11 @@ class Database:
         is one write transaction, like `transaction()`: there is no network round trip to save.
         """
         if self.dialect != "postgresql":
-            async with self.transaction() as session:
+            # SQLite runs one write transaction at a time, and a writer that finds the lock taken sleeps in
+            # SQLite's busy handler, in steps of up to 100 ms. Replies queued here instead get the lock as
+            # soon as the one before them commits. Nothing inside these blocks opens another transaction,
+            # so waiting here cannot deadlock; writers elsewhere still wait in the busy handler.
+            async with self._sqlite_writer, self.transaction() as session:
                 yield session
             return
         async with self._session_with(_AUTOCOMMIT_OPTIONS) as session:
