@@ -120,8 +120,9 @@ class Database:
         if self.dialect != "postgresql":
             # SQLite runs one write transaction at a time, and a writer that finds the lock taken sleeps in
             # SQLite's busy handler, in steps of up to 100 ms. Replies queued here instead get the lock as
-            # soon as the one before them commits. Nothing inside these blocks opens another transaction,
-            # so waiting here cannot deadlock; writers elsewhere still wait in the busy handler.
+            # soon as the one before them commits. Writers elsewhere still wait in the busy handler.
+            # NOTE: code inside a `statements()` block must not open another `statements()` block: it would
+            # wait for this lock forever. The reply path, its only user, runs service calls on one session.
             async with self._sqlite_writer, self.transaction() as session:
                 yield session
             return
