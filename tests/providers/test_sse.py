@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge, decode_utf8, iter_sse_events
+from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge
 
 
 def decode_all(*chunks: str) -> list[SseEvent]:
@@ -20,16 +18,6 @@ def decode_all(*chunks: str) -> list[SseEvent]:
 
 def datas(events: list[SseEvent]) -> list[str]:
     return [event.data for event in events]
-
-
-async def iterate(chunks: list[str]) -> AsyncIterator[str]:
-    for chunk in chunks:
-        yield chunk
-
-
-async def iterate_bytes(chunks: list[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
 
 
 # -- line endings --------------------------------------------------------------------------------------------
@@ -310,13 +298,14 @@ def test_limit_applies_per_event() -> None:
     assert datas(events) == ["1234"] * 5
 
 
-# -- async helpers -------------------------------------------------------------------------------------------
+# -- the end of a stream ------------------------------------------------------------------------------------
 
 
-async def test_iter_sse_events_discards_unterminated_event() -> None:
+def test_end_discards_unterminated_event() -> None:
     decoder = SseDecoder()
 
-    events = [event async for event in iter_sse_events(iterate(["data: a\r", "\n\r\ndata: b"]), decoder)]
+    events = decoder.feed_bytes(b"data: a\r") + decoder.feed_bytes(b"\n\r\ndata: b")
+    decoder.end()
 
     assert datas(events) == ["a"]
     assert decoder.ended
@@ -324,33 +313,11 @@ async def test_iter_sse_events_discards_unterminated_event() -> None:
     assert decoder.unterminated_event == SseEvent(data="b")
 
 
-async def test_iter_sse_events_clean_end() -> None:
+def test_end_after_event_boundary_is_clean() -> None:
     decoder = SseDecoder()
 
-    events = [event async for event in iter_sse_events(iterate(["data: a\n", "\n"]), decoder)]
+    events = decoder.feed_bytes(b"data: a\n") + decoder.feed_bytes(b"\n")
+    decoder.end()
 
     assert datas(events) == ["a"]
     assert decoder.ended_cleanly
-
-
-async def test_decode_utf8_joins_split_characters() -> None:
-    encoded = "data: héllo €\n\n".encode()
-    split = encoded.index("€".encode()) + 1
-
-    text = [chunk async for chunk in decode_utf8(iterate_bytes([encoded[:split], encoded[split:]]))]
-
-    assert "".join(text) == "data: héllo €\n\n"
-
-
-async def test_decode_utf8_replaces_invalid_bytes() -> None:
-    text = [chunk async for chunk in decode_utf8(iterate_bytes([b"data: \xff\n\n", b"\xe2\x82"]))]
-
-    assert "".join(text) == "data: \ufffd\n\n\ufffd"
-
-
-async def test_decode_utf8_byte_order_mark_reaches_parser() -> None:
-    chunks = decode_utf8(iterate_bytes([b"\xef\xbb", b"\xbfdata: a\n\n"]))
-
-    events = [event async for event in iter_sse_events(chunks)]
-
-    assert datas(events) == ["a"]

@@ -2,15 +2,12 @@
 Living Standard (https://html.spec.whatwg.org/multipage/server-sent-events.html).
 
 `SseDecoder` is fed text or UTF-8 bytes in chunks of any size and returns the events completed so far.
-`iter_sse_events` drives it from an async iterator of text chunks, and `decode_utf8` turns byte chunks into
-that text.
 """
 
 from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 
 # A line ends in CRLF, LF or CR. The alternatives are tried in order, so CRLF is one line break.
@@ -112,7 +109,7 @@ class SseDecoder:
     def end(self) -> SseEvent | None:
         """Mark the end of the stream and return the unterminated event, if any.
 
-        The standard discards an event that the stream ends inside of, and so does `iter_sse_events`. This
+        The standard discards an event that the stream ends inside of, and `feed` never returns one. This
         returns it anyway, with an unterminated last line read as a whole line, so a caller can decide. It
         is also kept in `unterminated_event`.
         """
@@ -186,33 +183,3 @@ class SseDecoder:
 
     def _build_event(self) -> SseEvent:
         return SseEvent(data="\n".join(self._data_lines), event=self._event_type or "message", id=self._last_event_id)
-
-
-async def iter_sse_events(
-    chunks: AsyncIterable[str], decoder: SseDecoder | None = None
-) -> AsyncGenerator[SseEvent, None]:
-    """Yield the events of a stream given as text chunks, discarding an unterminated last event.
-
-    Pass a `decoder` to inspect it afterwards. `decoder.ended_cleanly` is True when the stream ended at an
-    event boundary, and `decoder.unterminated_event` contains the discarded event.
-    """
-    decoder = decoder if decoder is not None else SseDecoder()
-    async for chunk in chunks:
-        for event in decoder.feed(chunk):
-            yield event
-    decoder.end()
-
-
-async def decode_utf8(chunks: AsyncIterable[bytes]) -> AsyncGenerator[str, None]:
-    """Decode byte chunks as UTF-8, which event streams always use, replacing invalid bytes with U+FFFD.
-
-    A character split between two chunks is decoded whole.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    async for chunk in chunks:
-        text = decoder.decode(chunk)
-        if text:
-            yield text
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
