@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
+from sqlalchemy import Executable, Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -174,19 +174,19 @@ async def append_message(
     if name_chat:
         parameters["p_title"] = derive_title(content)
 
-    if session.get_bind().dialect.name == "postgresql":
+    inserted_with_number = session.get_bind().dialect.name == "postgresql"
+    statement: Executable
+    if inserted_with_number:
         statement = _NUMBERED_INSERT_NAMING_CHAT if name_chat else _NUMBERED_INSERT
         parameters.update(p_id=message_id, p_role=role, p_content=content, p_status=status, p_metadata=metadata)
-        row = (await session.execute(statement, parameters)).one_or_none()
-        if row is None:
-            raise ChatNotFound()
-        sequence, title = row
     else:
-        next_sequence = _NEXT_SEQUENCE_NAMING_CHAT if name_chat else _NEXT_SEQUENCE
-        row = (await session.execute(next_sequence, parameters)).one_or_none()
-        if row is None:
-            raise ChatNotFound()
-        sequence, title = row
+        statement = _NEXT_SEQUENCE_NAMING_CHAT if name_chat else _NEXT_SEQUENCE
+    row = (await session.execute(statement, parameters)).one_or_none()
+    if row is None:
+        raise ChatNotFound()
+    sequence, title = row
+
+    if not inserted_with_number:
         await session.execute(
             _INSERT_MESSAGE,
             {

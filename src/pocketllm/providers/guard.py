@@ -379,29 +379,23 @@ class HostClients:
     The guard sends each request to the checked IP address, and httpcore pools connections by scheme,
     address and port. In one shared pool, a TLS connection whose certificate was verified for one host name
     could then carry a request for another name that resolves to the same address (common behind CDNs),
-    with that request's API key. So HTTPS requests to a host name go through a client of their own, whose
-    pool only ever holds connections verified for that name, and its connections are reused like any other.
+    with that request's API key. So HTTPS requests to a host name go through a client of their own. Its
+    pool contains only connections verified for that name, so they can be reused like any other.
     Plain HTTP and IP addresses, where no name is verified, share one client.
 
     At most `max_hosts` host names get a client; requests to further names use the shared client with
     `Connection: close`, so that each of them opens and verifies its own connection.
     """
 
-    def __init__(
-        self,
-        make_client: Callable[[], httpx.AsyncClient],
-        *,
-        shared: httpx.AsyncClient | None = None,
-        max_hosts: int = MAX_HOST_CLIENTS,
-    ) -> None:
+    def __init__(self, make_client: Callable[[], httpx.AsyncClient], *, max_hosts: int = MAX_HOST_CLIENTS) -> None:
         self._make_client = make_client
-        self.shared = shared if shared is not None else make_client()
+        self.shared = make_client()
         self._max_hosts = max_hosts
         self._by_host: dict[str, httpx.AsyncClient] = {}
 
     def client_for(self, target: CheckedTarget) -> tuple[httpx.AsyncClient, bool]:
         """Return the client for `target`, and whether its connection may stay open for later requests."""
-        if target.scheme != "https" or target.host_is_ip_address:
+        if not _verifies_host_name(target):
             return self.shared, True
         name = target.host.rstrip(".")
         client = self._by_host.get(name)
@@ -417,6 +411,11 @@ class HostClients:
         self._by_host.clear()
 
 
+def _verifies_host_name(target: CheckedTarget) -> bool:
+    """Tell whether the TLS certificate of `target` is checked against a host name, not an IP address."""
+    return target.scheme == "https" and not target.host_is_ip_address
+
+
 # A plain client is treated as HostClients with no room for host names: HTTPS to a name closes its connection.
 Clients = HostClients | httpx.AsyncClient
 
@@ -428,7 +427,7 @@ def _build_pinned_request(
     if isinstance(clients, HostClients):
         client, reusable = clients.client_for(target)
     else:
-        client, reusable = clients, target.scheme != "https" or target.host_is_ip_address
+        client, reusable = clients, not _verifies_host_name(target)
     options = dict(options)
     headers = httpx.Headers(options.pop("headers", None))
     extensions = dict(options.pop("extensions", None) or {})
@@ -436,7 +435,7 @@ def _build_pinned_request(
     # The Host header carries the host and port as written, so virtual hosting works. It replaces a caller's Host.
     headers["Host"] = httpx.URL(target.url).netloc.decode("ascii")
 
-    if target.scheme == "https" and not target.host_is_ip_address:
+    if _verifies_host_name(target):
         # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
         # extension as `server_hostname` to start_tls, falling back to the URL host only when it is
         # missing. anyio 4.16 (TLSStream.wrap) hands it to SSLContext.wrap_bio(server_hostname=...), so
