@@ -15,8 +15,8 @@ Then the upstream releases every stream, the replies are stored, and the RSS is 
   while the earlier streams stayed open, and over all streams.
 * Memory after the streams end, as a ratio to the RSS before the first step (target: within 10%).
 * Growth in a second, identical ramp: (RSS after the second ramp - RSS after the first) / (RSS after the
-  first - RSS before). Near 0 means the memory kept after the first ramp is the allocator's, reused by the
-  second; near 1 would mean each ramp leaks as much again.
+  first - RSS before). Near 0 means that the allocator kept the memory after the first ramp and the
+  second reused it. Near 1 would mean that each ramp leaks as much again.
 
     python -m benchmarks.open_streams                    # full run: 100 to 1,000 streams on PostgreSQL
     python -m benchmarks.open_streams --streams 100 --step 25
@@ -154,8 +154,8 @@ async def measure_database(database: DatabaseKind, arguments: argparse.Namespace
                 await asyncio.sleep(SETTLE_SECONDS)
                 rss_end = rss_bytes(server.pid)
                 pool_after = await bench_json(server, "/bench/pool")
-                # The same ramp again. Memory that the allocator kept after the first one is reused, so the
-                # RSS stays where it was; memory that leaks grows it by about as much again.
+                # The same ramp again. It reuses memory that the allocator kept after the first one, so the
+                # RSS stays where it was. Memory that leaks would grow it by about as much again.
                 _, second_released, second_errors = await ramp_and_release(server, upstream, account, arguments)
                 await asyncio.sleep(SETTLE_SECONDS)
                 rss_second_end = rss_bytes(server.pid)

@@ -5,10 +5,10 @@ Before, it sent them on one shared client that closed every HTTPS connection (`C
 script sends the same requests both ways.
 
 A fake provider speaks HTTPS on 127.0.0.1 with a throwaway certificate for `provider.test`, which the
-guard resolves to 127.0.0.1. Each request is a POST of a chat-sized JSON body answered by a small JSON
-body, like a non-streaming reply. The two ways alternate in batches, and the figures are the latency p50
+guard resolves to 127.0.0.1. Each request is a POST of a chat-sized JSON body, and each response a small
+JSON body, like a non-streaming reply. The two ways alternate in batches. The figures are the latency p50
 and p99 and this process's CPU time per request (the fake provider runs in a child process on another
-core where there are two). On loopback a handshake costs CPU and no network round trips; against a real
+core where there are two). On loopback a handshake costs CPU and no network round trips. Against a real
 provider each new connection also waits for two round trips (TCP, then TLS 1.3).
 
     python -m benchmarks.provider_tls [--requests 2000] [--batch 100]
@@ -100,7 +100,8 @@ def write_certificate(directory: Path) -> tuple[Path, Path, str]:
 
 
 class _ProviderProtocol(asyncio.Protocol):
-    """Answer every request on a connection with RESPONSE_BODY, and keep it open unless asked to close."""
+    """Respond to each request on a connection with RESPONSE_BODY, and keep the connection open unless the
+    request has `Connection: close`."""
 
     def __init__(self) -> None:
         self._buffer = b""

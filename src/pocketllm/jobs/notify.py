@@ -43,7 +43,7 @@ def listener_dsn(database_url: str) -> str | None:
 
 
 class JobListener:
-    """Holds one connection that listens on JOBS_CHANNEL and calls `on_notice` for every notice.
+    """A listener on JOBS_CHANNEL: one connection that calls `on_notice` for every notice.
 
     When the connection fails it is opened again, after pauses that double up to MAX_RECONNECT_SECONDS,
     and `on_notice` is called once after each reconnection, since notices sent in between were lost.
