@@ -631,6 +631,34 @@ class TestStreaming:
             ("assistant", "abcd", "complete"),
         ]
 
+    async def test_disconnect_ends_the_response_while_the_provider_is_silent(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.stream_chunks = ["a", "b"]
+        chat = await new_chat(client, headers)
+        # Far longer than the test runs: only the disconnect can end the response in time.
+        fake_provider.fail_next("/chat/completions", stall_stream_after=1, delay_seconds=600)
+
+        received = await disconnect_after_chunks(
+            app,
+            f"/v1/chats/{chat['id']}/messages",
+            headers=headers,
+            payload={"content": "and then?", "role": "user", "stream": True},
+            chunks=2,
+        )
+
+        assert len(received) == 2
+        # The response ended while the reply still waits on the provider; releasing the stall completes it.
+        assert [m["role"] for m in await messages_of(client, headers, chat["id"])] == ["user"]
+        fake_provider.reset()
+        await app.state.replies.drain(timeout=10)
+        stored = await messages_of(client, headers, chat["id"])
+        assert [(m["role"], m["content"], m["status"]) for m in stored] == [
+            ("user", "and then?", "complete"),
+            ("assistant", "ab", "complete"),
+        ]
+
 
 async def test_other_users_get_404(
     client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider

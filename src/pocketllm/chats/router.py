@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import pydantic_core
 import structlog
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
 
 from pocketllm.auth.backends.base import Principal
 from pocketllm.auth.dependencies import CurrentUser
@@ -21,6 +20,7 @@ from pocketllm.db.dependencies import DbSession
 from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import Limiter
 from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.streaming import EventStreamResponse
 from pocketllm.model_configs.service import ModelConfigNotFound
 from pocketllm.providers.errors import (
     ContextLengthExceeded,
@@ -202,7 +202,7 @@ async def post_message(
         raise
 
 
-def _streaming_response(request: Request, prepared: PreparedReply, user: Principal) -> StreamingResponse:
+def _streaming_response(request: Request, prepared: PreparedReply, user: Principal) -> EventStreamResponse:
     replies = get_replies(request)
     heartbeat_seconds: float = request.app.state.settings.stream_heartbeat_seconds
     stream = replies.start_stream(prepared)
@@ -225,7 +225,7 @@ def _streaming_response(request: Request, prepared: PreparedReply, user: Princip
                     encoded.append(_sse("error", _error_payload(item.error)))
             yield b"".join(encoded)
 
-    return StreamingResponse(
+    return EventStreamResponse(
         events(),
         media_type="text/event-stream",
         # no-transform and X-Accel-Buffering keep proxies from buffering the stream.
