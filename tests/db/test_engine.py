@@ -1,13 +1,64 @@
-"""The engine's pool on PostgreSQL: a pooled connection that the server closed is replaced at checkout."""
+"""The engine and `Database`: which transaction statements each kind of session sends, and, on PostgreSQL,
+a pooled connection that the server closed is replaced at checkout."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import make_url
 
-from pocketllm.db.engine import create_engine
+from pocketllm.db.engine import Database, create_engine
+from pocketllm.models import User
+
+
+@contextmanager
+def sent_statements(database: Database) -> Iterator[list[str]]:
+    """Collect the first word of each statement that `database` sends, and a BEGIN statement whole."""
+    statements: list[str] = []
+
+    def record(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        words = statement.upper().split()
+        statements.append(" ".join(words) if words[0] == "BEGIN" else words[0])
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+
+
+async def test_single_reads_send_no_begin(database: Database) -> None:
+    with sent_statements(database) as statements:
+        async with database.read_connection() as connection:
+            await connection.execute(text("SELECT 1"))
+        async with database.read_only(snapshot=False) as session:
+            await session.execute(select(User.id))
+
+    assert statements == ["SELECT", "SELECT"]
+
+
+async def test_snapshot_read_begins_deferred_on_sqlite(database: Database) -> None:
+    with sent_statements(database) as statements:
+        async with database.read_only() as session:
+            await session.execute(select(User.id))
+
+    # asyncpg starts PostgreSQL transactions itself, outside cursors, so only SQLite's BEGIN shows here.
+    expected = ["BEGIN DEFERRED", "SELECT"] if database.dialect == "sqlite" else ["SELECT"]
+    assert statements == expected
+
+
+async def test_write_transaction_begins_immediate_on_sqlite(database: Database) -> None:
+    with sent_statements(database) as statements:
+        async with database.transaction() as session:
+            await session.execute(select(User.id))
+
+    expected = ["BEGIN IMMEDIATE", "SELECT"] if database.dialect == "sqlite" else ["SELECT"]
+    assert statements == expected
 
 
 @pytest.mark.postgres_only

@@ -22,9 +22,9 @@ _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     """Commit after the handler returns and roll back on any exception; services only flush.
 
-    GET requests get a read-only session, which on SQLite does not wait for the write lock. On PostgreSQL
-    its statements run in autocommit mode, each on its own: no GET handler needs one snapshot across its
-    reads, and it saves the BEGIN and ROLLBACK round trips.
+    GET requests get a read-only session, which on SQLite does not wait for the write lock. Its statements
+    run each on its own (autocommit mode on PostgreSQL, no BEGIN on SQLite): no GET handler needs one
+    snapshot across its reads, and it saves the BEGIN statement and, on PostgreSQL, the ROLLBACK round trip.
     """
     database = get_database(request)
     if request.method in _READ_METHODS:

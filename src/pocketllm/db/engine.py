@@ -17,7 +17,10 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"
+# An SQLITE_BEGIN_OPTION value: send no BEGIN, so that each statement is a transaction of its own.
+SQLITE_NO_BEGIN = "NONE"
 _READ_ONLY_OPTIONS = {SQLITE_BEGIN_OPTION: "DEFERRED"}
+_SQLITE_SINGLE_READ_OPTIONS = {SQLITE_BEGIN_OPTION: SQLITE_NO_BEGIN}
 _AUTOCOMMIT_OPTIONS = {"isolation_level": "AUTOCOMMIT"}
 
 
@@ -40,6 +43,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # committed in between, which would turn concurrent requests into errors. Read-only work asks
         # for a deferred BEGIN, which in WAL mode never waits for writers.
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+        if mode == SQLITE_NO_BEGIN:
+            return
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
@@ -133,12 +138,12 @@ class Database:
     async def read_only(self, *, snapshot: bool = True) -> AsyncIterator[AsyncSession]:
         """Yield a session for reads only; on SQLite it does not take the write lock.
 
-        With `snapshot` False, PostgreSQL runs each statement on its own in autocommit mode: one round trip
-        per statement instead of BEGIN, the statements and ROLLBACK. Use it where the reads need not see
-        one consistent state, such as a single query. Loaded objects stay usable after the block, detached,
-        like objects from a committed transaction.
+        With `snapshot` False, each statement runs on its own: in autocommit mode on PostgreSQL, which saves
+        the BEGIN and ROLLBACK round trips, and without BEGIN on SQLite, which saves a statement. Use it where
+        the reads need not see one consistent state, such as a single query. Loaded objects stay usable
+        after the block, detached, like objects from a committed transaction.
         """
-        options = _READ_ONLY_OPTIONS if snapshot or self.dialect != "postgresql" else _AUTOCOMMIT_OPTIONS
+        options = _READ_ONLY_OPTIONS if snapshot else self._single_read_options()
         async with self._session_with(options) as session:
             yield session
 
@@ -162,10 +167,12 @@ class Database:
         Like `read_only(snapshot=False)`, but without a session: a Core statement run this way costs about
         half the CPU of the same statement through an ORM session.
         """
-        options = _AUTOCOMMIT_OPTIONS if self.dialect == "postgresql" else _READ_ONLY_OPTIONS
         async with self.engine.connect() as connection:
-            await connection.execution_options(**options)
+            await connection.execution_options(**self._single_read_options())
             yield connection
+
+    def _single_read_options(self) -> dict[str, Any]:
+        return _AUTOCOMMIT_OPTIONS if self.dialect == "postgresql" else _SQLITE_SINGLE_READ_OPTIONS
 
     async def dispose(self) -> None:
         await self.engine.dispose()
