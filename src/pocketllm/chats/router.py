@@ -74,8 +74,7 @@ async def list_chats(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ChatSummary]:
     """List the caller's chats, most recently updated first."""
-    chats = await service.list_chats(session, user.user_id, limit=limit, offset=offset)
-    return [ChatSummary.from_row(chat, chat.last_sequence) for chat in chats]
+    return await service.list_chats(session, user.user_id, limit=limit, offset=offset)
 
 
 @router.post(

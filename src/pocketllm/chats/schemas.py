@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import Row
 
 from pocketllm.models import Chat, StoredMessage
 
@@ -30,7 +31,8 @@ class ChatSummary(BaseModel):
     message_count: int = Field(description="Messages in the chat, including failed and incomplete replies.")
 
     @classmethod
-    def from_row(cls, chat: Chat, message_count: int) -> ChatSummary:
+    def from_row(cls, chat: Chat | Row[*tuple[Any, ...]], message_count: int) -> ChatSummary:
+        """Build the summary from a Chat or from a row with the same column names."""
         return cls(
             id=chat.id,
             title=chat.title or DEFAULT_TITLE,
