@@ -4,7 +4,7 @@ No framework, no authentication, no ORM and no validation: each route runs the S
 route runs for its data and returns the rows as JSON. The caller names the user with `?user=<uuid>`.
 
 * `GET /chats`: the chat list query of `GET /v1/chats` (newest first, limit 100).
-* `GET /models/saved`: the model configuration and provider configuration queries of `GET /v1/models/saved`.
+* `GET /models/saved`: the model configurations joined with their providers' base URLs, as in `GET /v1/models/saved`.
 * `GET /users/profile`: the user and profile join of `GET /v1/users/profile`.
 
 BARE_DATABASE_URL names the database as a SQLAlchemy URL (postgresql+asyncpg://... or sqlite+aiosqlite:///...).
@@ -40,8 +40,10 @@ QUERIES = {
         "WHERE user_id = {0} ORDER BY updated_at DESC, id DESC LIMIT 100 OFFSET 0"
     ],
     "/models/saved": [
-        "SELECT * FROM model_configs WHERE user_id = {0} ORDER BY created_at, id",
-        "SELECT * FROM provider_configs WHERE user_id = {0}",
+        "SELECT model_configs.*, provider_configs.base_url FROM model_configs "
+        "LEFT OUTER JOIN provider_configs ON provider_configs.id = model_configs.provider_config_id "
+        "AND provider_configs.user_id = model_configs.user_id "
+        "WHERE model_configs.user_id = {0} ORDER BY model_configs.created_at, model_configs.id"
     ],
     "/users/profile": ["SELECT * FROM users JOIN profiles ON profiles.id = users.id WHERE users.id = {0}"],
 }

@@ -76,13 +76,9 @@ async def catalogue(
 @router.get("/saved", response_model=list[ModelConfiguration], responses=error_responses(NotAuthenticated))
 async def list_saved(user: CurrentUser, session: DbSession) -> list[ModelConfiguration]:
     """List the caller's saved model configurations, oldest first."""
-    configs = await service.list_saved(session, user.user_id)
-    providers_by_id = await service.provider_configs_by_id(session, user.user_id)
     return [
-        service.to_configuration(
-            config, providers_by_id.get(config.provider_config_id) if config.provider_config_id else None
-        )
-        for config in configs
+        service.to_configuration(config, base_url)
+        for config, base_url in await service.list_saved(session, user.user_id)
     ]
 
 
@@ -135,7 +131,7 @@ async def import_models(
         imported = await service.import_models(
             session, user.user_id, provider_config, entries, settings=payload.settings
         )
-        result = [service.to_configuration(config, provider_config) for config in imported]
+        result = [service.to_configuration(config, provider_config.base_url) for config in imported]
 
     log.info("models.imported", user_id=str(user.user_id), provider=spec.id, count=len(result))
     return result
@@ -221,4 +217,4 @@ async def _to_configuration(session: AsyncSession, config: ModelConfig) -> Model
     provider_config = None
     if config.provider_config_id is not None:
         provider_config = await session.get(ProviderConfig, config.provider_config_id)
-    return service.to_configuration(config, provider_config)
+    return service.to_configuration(config, provider_config.base_url if provider_config else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.errors import InvalidInput, NotFound
@@ -38,16 +38,23 @@ def parse_model_id(raw: str) -> uuid.UUID:
 
 
 # Built once, so that each run skips building the expression and looking up its compiled form.
+# The provider's base URL comes in the same query, and no other column of the provider's row (its
+# encrypted key among them) is loaded.
 _LIST_SAVED = (
-    select(ModelConfig)
+    select(ModelConfig, ProviderConfig.base_url)
+    .outerjoin(
+        ProviderConfig,
+        and_(ProviderConfig.id == ModelConfig.provider_config_id, ProviderConfig.user_id == ModelConfig.user_id),
+    )
     .where(ModelConfig.user_id == bindparam("p_user_id"))
     .order_by(ModelConfig.created_at, ModelConfig.id)
 )
 
 
-async def list_saved(session: AsyncSession, user_id: uuid.UUID) -> list[ModelConfig]:
-    result = await session.scalars(_LIST_SAVED, {"p_user_id": user_id})
-    return list(result)
+async def list_saved(session: AsyncSession, user_id: uuid.UUID) -> list[tuple[ModelConfig, str | None]]:
+    """Return the user's model configurations, oldest first, each with its provider's saved base URL."""
+    result = await session.execute(_LIST_SAVED, {"p_user_id": user_id})
+    return [(config, base_url) for config, base_url in result]
 
 
 async def get_saved(session: AsyncSession, user_id: uuid.UUID, model_id: uuid.UUID) -> ModelConfig:
@@ -166,9 +173,9 @@ async def delete_saved(session: AsyncSession, user_id: uuid.UUID, config: ModelC
             await session.flush()
 
 
-def to_configuration(config: ModelConfig, provider_config: ProviderConfig | None) -> ModelConfiguration:
+def to_configuration(config: ModelConfig, provider_base_url: str | None) -> ModelConfiguration:
     spec = PROVIDERS.get(config.provider)
-    base_url = provider_config.base_url if provider_config else None
+    base_url = provider_base_url
     if base_url is None and spec is not None:
         base_url = spec.default_base_url
     return ModelConfiguration(
@@ -189,8 +196,3 @@ def to_configuration(config: ModelConfig, provider_config: ProviderConfig | None
         created_at=config.created_at,
         updated_at=config.updated_at,
     )
-
-
-async def provider_configs_by_id(session: AsyncSession, user_id: uuid.UUID) -> dict[uuid.UUID, ProviderConfig]:
-    result = await session.scalars(select(ProviderConfig).where(ProviderConfig.user_id == user_id))
-    return {config.id: config for config in result}
