@@ -631,7 +631,7 @@ class TestStreaming:
             ("assistant", "abcd", "complete"),
         ]
 
-    async def test_disconnect_ends_the_response_while_the_provider_is_silent(
+    async def test_disconnect_ends_silent_stream(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
     ) -> None:
         await setup_openai_model(client, headers, fake_provider)
@@ -658,6 +658,29 @@ class TestStreaming:
             ("user", "and then?", "complete"),
             ("assistant", "ab", "complete"),
         ]
+
+
+async def test_chat_count_matches_messages(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    chat = await new_chat(client, headers)
+    path = f"/v1/chats/{chat['id']}"
+
+    async def post(index: int) -> None:
+        response = await client.post(
+            f"{path}/messages", headers=headers, json={"role": "system", "content": f"note {index}"}
+        )
+        assert response.status_code == 200, response.text
+
+    async def read() -> tuple[int, int]:
+        body = (await client.get(path, headers=headers)).json()
+        return body["chat"]["message_count"], len(body["messages"])
+
+    # Reads run while messages are being stored, and each must list what its chat row counts.
+    results = await asyncio.gather(*(post(index) for index in range(20)), *(read() for _ in range(40)))
+    pairs = [result for result in results if result is not None]  # post() returns None
+
+    assert len(pairs) == 40
+    mismatched = [(count, listed) for count, listed in pairs if count != listed]
+    assert mismatched == []
 
 
 async def test_other_users_get_404(

@@ -107,7 +107,7 @@ async def create_chat(user: CurrentUser, session: DbSession, payload: ChatCreate
 async def get_chat(chat_id: str, user: CurrentUser, session: DbSession) -> ChatWithMessages:
     """Return the chat and all its messages in order."""
     chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
-    messages = await service.list_messages(session, chat.id)
+    messages = await service.list_messages(session, chat.id, up_to=chat.last_sequence)
     return ChatWithMessages(
         chat=ChatSummary.from_row(chat, chat.last_sequence), messages=[Message.from_row(m) for m in messages]
     )
@@ -197,6 +197,8 @@ async def post_message(
         current = asyncio.current_task()
         if task.cancelled() and not (current and current.cancelling()):
             # The reply itself was stopped (server shutdown), not this request.
+            # NOTE: uvicorn cancels open requests when its grace time ends, before the lifespan stops
+            # replies, so under `pocketllm serve` the client gets uvicorn's 500 instead (docs/streaming.md).
             raise ReplyInterrupted() from None
         raise
 

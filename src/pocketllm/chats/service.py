@@ -220,11 +220,24 @@ async def append_message(
 
 
 async def list_messages(
-    session: AsyncSession, chat_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    session: AsyncSession,
+    chat_id: uuid.UUID,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    up_to: int | None = None,
 ) -> list[StoredMessage]:
+    """List the chat's messages in order; with `up_to`, only those numbered up to that sequence.
+
+    GET requests read without a snapshot, so a message can be stored between reading a chat and reading
+    its messages. Passing the chat's `last_sequence` as `up_to` keeps the list in step with that chat row:
+    a message is numbered and stored atomically, so every number up to it is already stored.
+    """
     statement = (
         select(StoredMessage).where(StoredMessage.chat_id == chat_id).order_by(StoredMessage.sequence).offset(offset)
     )
+    if up_to is not None:
+        statement = statement.where(StoredMessage.sequence <= up_to)
     if limit is not None:
         statement = statement.limit(limit)
     return list(await session.scalars(statement))

@@ -23,8 +23,9 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     """Commit after the handler returns and roll back on any exception; services only flush.
 
     GET requests get a read-only session, which on SQLite does not wait for the write lock. Its statements
-    run each on its own (autocommit mode on PostgreSQL, no BEGIN on SQLite): no GET handler needs one
-    snapshot across its reads, and it saves the BEGIN statement and, on PostgreSQL, the ROLLBACK round trip.
+    run each on its own (autocommit mode on PostgreSQL, no BEGIN on SQLite), which saves the BEGIN statement
+    and, on PostgreSQL, the ROLLBACK round trip. A GET handler whose reads must agree makes them agree
+    itself: `GET /v1/chats/{id}` lists only the messages that its chat row counts.
     """
     database = get_database(request)
     if request.method in _READ_METHODS:
