@@ -142,6 +142,10 @@ class Database:
         the BEGIN and ROLLBACK round trips, and without BEGIN on SQLite, which saves a statement. Use it where
         the reads need not see one consistent state, such as a single query. Loaded objects stay usable
         after the block, detached, like objects from a committed transaction.
+
+        NOTE: on PostgreSQL the transaction of `snapshot=True` runs at the server's default isolation level,
+        READ COMMITTED, where each statement reads what was committed before it started. Only SQLite keeps
+        one view for the whole block.
         """
         options = _READ_ONLY_OPTIONS if snapshot else self._single_read_options()
         async with self._session_with(options) as session:
