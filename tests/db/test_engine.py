@@ -42,22 +42,18 @@ async def test_single_reads_send_no_begin(database: Database) -> None:
     assert statements == ["SELECT", "SELECT"]
 
 
-async def test_snapshot_read_begins_deferred_on_sqlite(database: Database) -> None:
+@pytest.mark.parametrize(
+    ("kind", "sqlite_begin"),
+    [("read_only", "BEGIN DEFERRED"), ("transaction", "BEGIN IMMEDIATE")],
+)
+async def test_transaction_begin_mode(database: Database, kind: str, sqlite_begin: str) -> None:
+    open_session = database.read_only if kind == "read_only" else database.transaction
     with sent_statements(database) as statements:
-        async with database.read_only() as session:
+        async with open_session() as session:
             await session.execute(select(User.id))
 
     # asyncpg starts PostgreSQL transactions itself, outside cursors, so only SQLite's BEGIN shows here.
-    expected = ["BEGIN DEFERRED", "SELECT"] if database.dialect == "sqlite" else ["SELECT"]
-    assert statements == expected
-
-
-async def test_write_transaction_begins_immediate_on_sqlite(database: Database) -> None:
-    with sent_statements(database) as statements:
-        async with database.transaction() as session:
-            await session.execute(select(User.id))
-
-    expected = ["BEGIN IMMEDIATE", "SELECT"] if database.dialect == "sqlite" else ["SELECT"]
+    expected = [sqlite_begin, "SELECT"] if database.dialect == "sqlite" else ["SELECT"]
     assert statements == expected
 
 

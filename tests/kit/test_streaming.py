@@ -47,6 +47,14 @@ class Endless:
             self.closed = True
 
 
+async def start_endless(client: Client) -> tuple[asyncio.Task[None], Endless]:
+    """Start an EventStreamResponse on an Endless source, and return once its first chunk was sent."""
+    source = Endless()
+    call = asyncio.create_task(EventStreamResponse(source.events())(SCOPE, client.receive, client.send))
+    await client.first_body.wait()
+    return call, source
+
+
 async def test_response_sends_every_chunk() -> None:
     async def events() -> AsyncIterator[bytes]:
         for text in (b"a", b"b", b"c"):
@@ -61,10 +69,7 @@ async def test_response_sends_every_chunk() -> None:
 
 async def test_disconnect_ends_waiting_stream() -> None:
     client = Client()
-    source = Endless()
-    response = EventStreamResponse(source.events(), media_type="text/event-stream")
-    call = asyncio.create_task(response(SCOPE, client.receive, client.send))
-    await client.first_body.wait()
+    call, source = await start_endless(client)
 
     client.disconnected.set()
     done, _ = await asyncio.wait({call}, timeout=5)
@@ -78,9 +83,7 @@ async def test_disconnect_ends_waiting_stream() -> None:
 
 async def test_outside_cancellation_propagates() -> None:
     client = Client()
-    source = Endless()
-    call = asyncio.create_task(EventStreamResponse(source.events())(SCOPE, client.receive, client.send))
-    await client.first_body.wait()
+    call, source = await start_endless(client)
 
     call.cancel()
 
@@ -91,9 +94,7 @@ async def test_outside_cancellation_propagates() -> None:
 
 async def test_disconnect_with_shutdown_still_cancels() -> None:
     client = Client()
-    source = Endless()
-    call = asyncio.create_task(EventStreamResponse(source.events())(SCOPE, client.receive, client.send))
-    await client.first_body.wait()
+    call, _ = await start_endless(client)
 
     client.disconnected.set()
     for _ in range(100):

@@ -896,19 +896,29 @@ async def test_https_connection_reused_for_same_name(tmp_path: Path) -> None:
     assert [request.headers["connection"] for request in stub.requests] == ["keep-alive"] * 3
 
 
+async def request_names(stub: ProviderStub, clients: HostClients, names: list[str]) -> list[int]:
+    """Send GET /v1/models to `<name>.provider.test` for each name in turn (all resolve to 127.0.0.1), then
+    close the clients and the stub and return the status codes."""
+    resolver = resolver_for(a_provider_test=["127.0.0.1"], b_provider_test=["127.0.0.1"])
+    guard = OutboundGuard(allow_private=True, resolver=resolver)
+    statuses: list[int] = []
+    try:
+        for name in names:
+            response = await guard.request(clients, "GET", f"https://{name}.provider.test:{stub.port}/v1/models")
+            statuses.append(response.status_code)
+    finally:
+        await clients.aclose()
+        stub.stop()
+    return statuses
+
+
 async def test_host_clients_keep_names_apart(tmp_path: Path) -> None:
     # Both names resolve to 127.0.0.1; each keeps its own connection, verified for its own name.
     stub, client_context = start_tls_stub(tmp_path, ["a.provider.test", "b.provider.test"])
     clients, transports = host_clients(client_context)
-    resolver = resolver_for(a_provider_test=["127.0.0.1"], b_provider_test=["127.0.0.1"])
-    guard = OutboundGuard(allow_private=True, resolver=resolver)
-    try:
-        for name in ("a", "b", "a", "b"):
-            response = await guard.request(clients, "GET", f"https://{name}.provider.test:{stub.port}/v1/models")
-            assert response.status_code == 200
-    finally:
-        await clients.aclose()
-        stub.stop()
+    statuses = await request_names(stub, clients, ["a", "b", "a", "b"])
+
+    assert statuses == [200] * 4
 
     assert stub.server_names == ["a.provider.test", "b.provider.test"]
     assert [request.headers["host"] for request in stub.requests] == [
@@ -921,15 +931,9 @@ async def test_host_clients_keep_names_apart(tmp_path: Path) -> None:
 async def test_host_clients_past_limit_close_connections(tmp_path: Path) -> None:
     stub, client_context = start_tls_stub(tmp_path, ["a.provider.test", "b.provider.test"])
     clients, _ = host_clients(client_context, max_hosts=1)
-    resolver = resolver_for(a_provider_test=["127.0.0.1"], b_provider_test=["127.0.0.1"])
-    guard = OutboundGuard(allow_private=True, resolver=resolver)
-    try:
-        for name in ("a", "b", "b", "a"):
-            response = await guard.request(clients, "GET", f"https://{name}.provider.test:{stub.port}/v1/models")
-            assert response.status_code == 200
-    finally:
-        await clients.aclose()
-        stub.stop()
+    statuses = await request_names(stub, clients, ["a", "b", "b", "a"])
+
+    assert statuses == [200] * 4
 
     # The second name found no room, so each of its requests used and closed a connection of its own.
     assert stub.server_names == ["a.provider.test", "b.provider.test", "b.provider.test"]
