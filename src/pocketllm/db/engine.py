@@ -15,6 +15,8 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from pocketllm.db.sqlite_driver import use_one_trip_connections
+
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 # An SQLITE_BEGIN_OPTION value: send no BEGIN, so that each statement is a transaction of its own.
@@ -63,6 +65,7 @@ def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int =
     if url.get_backend_name() == "sqlite":
         _create_private_file(url.database)
         engine = create_async_engine(url, hide_parameters=True)
+        use_one_trip_connections(engine)
         _configure_sqlite(engine)
         return engine
     engine = create_async_engine(

@@ -1,0 +1,103 @@
+"""The SQLite connections of `create_engine`: one trip to the connection's thread per statement, with the
+same results, errors and connection arguments as aiosqlite's own cursors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pocketllm.db.engine import create_engine
+
+_METADATA = MetaData()
+_NOTES = Table("notes", _METADATA, Column("id", Integer, primary_key=True), Column("body", String, unique=True))
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'driver.sqlite3'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_METADATA.create_all)
+        await connection.execute(insert(_NOTES), [{"id": number, "body": f"note {number}"} for number in range(1, 6)])
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def thread_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every call that aiosqlite queues for a connection's thread, by the called function's name."""
+    trips: list[str] = []
+    queue_call = aiosqlite.Connection._execute
+
+    async def counted(connection: aiosqlite.Connection, function: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(getattr(function, "__name__", repr(function)))
+        return await queue_call(connection, function, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return trips
+
+
+async def test_statement_is_one_thread_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+        thread_trips.clear()
+        rows = (await connection.execute(select(_NOTES.c.body).where(_NOTES.c.id < 4))).all()
+        changed = await connection.execute(update(_NOTES).where(_NOTES.c.id == 1).values(body="edited"))
+        statement_trips = list(thread_trips)
+        await connection.rollback()
+
+    assert [row.body for row in rows] == ["note 1", "note 2", "note 3"]
+    assert changed.rowcount == 1
+    # aiosqlite's own cursors make four trips for the SELECT and three for the UPDATE.
+    assert statement_trips == ["_execute", "_execute"]
+
+
+async def test_results_match_sqlite3(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        inserted = await connection.execute(insert(_NOTES).values(body="sixth"))
+        many = await connection.execute(
+            update(_NOTES).where(_NOTES.c.id == bindparam("p_id")).values(body=bindparam("p_body")),
+            [{"p_id": 2, "p_body": "two"}, {"p_id": 3, "p_body": "three"}],
+        )
+        empty = await connection.execute(select(_NOTES.c.id, _NOTES.c.body).where(_NOTES.c.id > 100))
+        returned = await connection.execute(
+            update(_NOTES).where(_NOTES.c.id >= 5).values(body=_NOTES.c.body + "!").returning(_NOTES.c.id)
+        )
+        streamed = await connection.stream(select(_NOTES.c.id).order_by(_NOTES.c.id))
+        streamed_ids = [row.id async for row in streamed]
+
+        assert inserted.inserted_primary_key == (6,)
+        assert many.rowcount == 2
+        assert list(empty.keys()) == ["id", "body"]
+        assert empty.all() == []
+        assert sorted(row.id for row in returned) == [5, 6]
+        assert streamed_ids == [1, 2, 3, 4, 5, 6]
+
+
+async def test_failed_statement_keeps_connection(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        with pytest.raises(IntegrityError):
+            await connection.execute(insert(_NOTES).values(body="note 1"))
+        await connection.rollback()
+        count = (await connection.execute(text("SELECT count(*) FROM notes"))).scalar_one()
+
+    assert count == 5
+
+
+async def test_url_arguments_reach_sqlite3(engine: AsyncEngine, tmp_path: Path) -> None:
+    read_only = create_engine(f"sqlite+aiosqlite:///file:{tmp_path / 'driver.sqlite3'}?mode=ro&uri=true")
+    try:
+        async with read_only.connect() as connection:
+            count = (await connection.execute(text("SELECT count(*) FROM notes"))).scalar_one()
+            with pytest.raises(OperationalError, match="readonly"):
+                await connection.execute(text("DELETE FROM notes"))
+    finally:
+        await read_only.dispose()
+
+    assert count == 5
