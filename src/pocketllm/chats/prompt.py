@@ -8,7 +8,6 @@ English text; a prompt the provider still finds too long comes back as 400 `cont
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pocketllm.providers.chat import ChatMessage
 
@@ -24,12 +23,6 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_MESSAGE
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryEntry:
-    role: str
-    content: str
-
-
 def output_limit(configured: int | None, model_maximum: int | None, context_window: int) -> int:
     """Return the `max_tokens` to request: the configured value, else the default, never above the model's
     maximum and never more than half the context window, so that some history always fits."""
@@ -40,14 +33,16 @@ def output_limit(configured: int | None, model_maximum: int | None, context_wind
 
 
 def fit_history(
-    history: Sequence[HistoryEntry],
+    newest_first: Sequence[tuple[str, str]],
     *,
     system_prompt: str | None,
     new_message: str,
     context_window: int,
     max_tokens: int,
 ) -> list[ChatMessage]:
-    """Return the newest history entries that fit, oldest first, followed by the new user message.
+    """Return the newest earlier messages that fit, oldest first, followed by the new user message.
+
+    `newest_first` holds (role, content) pairs, the newest first, as the history query returns them.
 
     The new message is always included, even when it alone exceeds the budget: only the provider can
     count the tokens exactly.
@@ -57,14 +52,14 @@ def fit_history(
         budget -= estimate_tokens(system_prompt)
 
     kept: list[ChatMessage] = []
-    for entry in reversed(history):
-        if entry.role not in ("user", "assistant", "system") or not entry.content.strip():
+    for role, content in newest_first:
+        if role not in ("user", "assistant", "system") or not content.strip():
             continue
-        cost = estimate_tokens(entry.content)
+        cost = estimate_tokens(content)
         if cost > budget:
             break
         budget -= cost
-        kept.append(ChatMessage(role=entry.role, content=entry.content))  # type: ignore[arg-type]
+        kept.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
     kept.reverse()
     kept.append(ChatMessage(role="user", content=new_message))
     return kept

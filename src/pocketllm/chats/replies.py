@@ -153,17 +153,17 @@ class ReplyGenerator:
         """Check that the chat has a usable model, then store the user's message and build the prompt."""
         # Each statement is atomic on its own: nothing is stored before the model is known to be usable,
         # and the message is numbered and inserted in one statement on PostgreSQL.
-        async with self._database.statements() as session:
-            model_config, provider_config = await service.resolve_model(session, user_id, chat_id)
+        async with self._database.statements() as connection:
+            model_config = await service.resolve_model(connection, user_id, chat_id)
             spec = PROVIDERS[model_config.provider]
-            target = providers_service.build_target(spec, provider_config, self._secrets)
+            target = providers_service.build_target(spec, model_config, self._secrets)
 
             user_message = await service.append_message(
-                session, user_id, chat_id, role="user", content=payload.content, metadata=payload.metadata
+                connection, user_id, chat_id, role="user", content=payload.content, metadata=payload.metadata
             )
-            history = await service.recent_history(session, chat_id, before=user_message.sequence)
+            history = await service.recent_history(connection, chat_id, before=user_message.sequence)
 
-        settings = model_config.settings or {}
+        settings = model_config.settings
         context_window = model_config.context_window or DEFAULT_CONTEXT_WINDOW
         max_tokens = output_limit(settings.get("max_tokens"), model_config.max_output_tokens, context_window)
         system_prompt = settings.get("system_prompt") or None
@@ -297,9 +297,9 @@ class ReplyGenerator:
         if error_code:
             metadata["error"] = error_code
 
-        async with self._database.statements() as session:
+        async with self._database.statements() as connection:
             stored = await service.append_message(
-                session,
+                connection,
                 prepared.user_id,
                 prepared.chat_id,
                 role="assistant",

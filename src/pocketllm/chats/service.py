@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Executable, Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from pocketllm.chats.prompt import HistoryEntry, derive_title
+from pocketllm.chats.prompt import derive_title
 from pocketllm.chats.schemas import ChatSummary, Message
 from pocketllm.db.types import utcnow
 from pocketllm.errors import InvalidInput, NotFound
@@ -20,6 +22,9 @@ from pocketllm.providers.registry import PROVIDERS
 
 # How many earlier messages are loaded to build a prompt; the context window usually cuts sooner.
 HISTORY_LIMIT = 200
+# The reply path runs its statements on a plain connection (`Database.statements()`), other callers on a
+# session. Both run Core statements the same way.
+Connectable = AsyncSession | AsyncConnection
 
 
 class ChatNotFound(NotFound):
@@ -148,8 +153,14 @@ _NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
 _NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
 
 
+def _dialect_name(session: Connectable) -> str:
+    if isinstance(session, AsyncConnection):
+        return session.dialect.name
+    return session.get_bind().dialect.name
+
+
 async def append_message(
-    session: AsyncSession,
+    session: Connectable,
     user_id: uuid.UUID,
     chat: Chat | uuid.UUID,
     *,
@@ -175,7 +186,7 @@ async def append_message(
     if name_chat:
         parameters["p_title"] = derive_title(content)
 
-    inserted_with_number = session.get_bind().dialect.name == "postgresql"
+    inserted_with_number = _dialect_name(session) == "postgresql"
     statement: Executable
     if inserted_with_number:
         statement = _NUMBERED_INSERT_NAMING_CHAT if name_chat else _NUMBERED_INSERT
@@ -261,16 +272,45 @@ _RECENT_HISTORY = (
 )
 
 
-async def recent_history(session: AsyncSession, chat_id: uuid.UUID, *, before: int) -> list[HistoryEntry]:
-    """Load the messages before sequence `before`, oldest first, at most HISTORY_LIMIT of them, without
-    user messages whose reply failed."""
+async def recent_history(session: Connectable, chat_id: uuid.UUID, *, before: int) -> Sequence[tuple[str, str]]:
+    """Load the (role, content) pairs of the messages before sequence `before`, newest first, at most
+    HISTORY_LIMIT of them, without user messages whose reply failed."""
     rows = await session.execute(_RECENT_HISTORY, {"p_chat_id": chat_id, "p_before": before})
-    return [HistoryEntry(role=role, content=content) for role, content in reversed(rows.all())]
+    return rows.all()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyModel:
+    """The model configuration that a reply uses, with the stored parts of its provider's configuration."""
+
+    id: uuid.UUID
+    provider: str
+    model: str
+    settings: dict[str, Any]
+    context_window: int | None
+    max_output_tokens: int | None
+    base_url: str | None
+    api_key_encrypted: str | None
 
 
 # The chat's own model configuration sorts before the user's default, so one row answers both questions.
+# Columns, not ORM objects, so that the reply path needs no ORM session.
 _REPLY_MODEL = (
-    select(Chat.id, ModelConfig, ProviderConfig)
+    select(
+        Chat.id,
+        ModelConfig.id,
+        ModelConfig.provider,
+        ModelConfig.model,
+        ModelConfig.display_name,
+        ModelConfig.settings,
+        ModelConfig.context_window,
+        ModelConfig.max_output_tokens,
+        ModelConfig.is_active,
+        ProviderConfig.id,
+        ProviderConfig.is_active,
+        ProviderConfig.base_url,
+        ProviderConfig.api_key_encrypted,
+    )
     .outerjoin(
         ModelConfig,
         and_(
@@ -288,29 +328,50 @@ _REPLY_MODEL = (
 )
 
 
-async def resolve_model(
-    session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID
-) -> tuple[ModelConfig, ProviderConfig]:
+async def resolve_model(session: Connectable, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
     """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
     provider. Raises ChatNotFound when the user has no such chat."""
     row = (await session.execute(_REPLY_MODEL, {"p_chat_id": chat_id, "p_user_id": user_id})).one_or_none()
     if row is None:
         raise ChatNotFound()
-    _, model_config, provider_config = row
-    if model_config is None:
+    (
+        _,
+        model_config_id,
+        provider,
+        model,
+        display_name,
+        settings,
+        context_window,
+        max_output_tokens,
+        model_is_active,
+        provider_config_id,
+        provider_is_active,
+        base_url,
+        api_key_encrypted,
+    ) = row
+    if model_config_id is None:
         raise ModelNotConfigured()
-    if not model_config.is_active:
+    if not model_is_active:
         raise ModelNotConfigured(
-            f"The model configuration '{model_config.display_name}' is deactivated; activate it or pick another."
+            f"The model configuration '{display_name}' is deactivated; activate it or pick another."
         )
-    spec = PROVIDERS.get(model_config.provider)
-    if provider_config is None or spec is None or not provider_config.is_active:
+    spec = PROVIDERS.get(provider)
+    if provider_config_id is None or spec is None or not provider_is_active:
         raise ProviderNotConfigured(
-            f"Provider '{model_config.provider}' is not active; activate it with POST /v1/providers/activate."
+            f"Provider '{provider}' is not active; activate it with POST /v1/providers/activate."
         )
-    if spec.requires_api_key and provider_config.api_key_encrypted is None:
-        raise ProviderNotConfigured(f"Provider '{model_config.provider}' has no API key; add one to chat with it.")
-    return model_config, provider_config
+    if spec.requires_api_key and api_key_encrypted is None:
+        raise ProviderNotConfigured(f"Provider '{provider}' has no API key; add one to chat with it.")
+    return ReplyModel(
+        id=model_config_id,
+        provider=provider,
+        model=model,
+        settings=settings or {},
+        context_window=context_window,
+        max_output_tokens=max_output_tokens,
+        base_url=base_url,
+        api_key_encrypted=api_key_encrypted,
+    )
 
 
 async def record_reply_failure(

