@@ -103,6 +103,7 @@ class CheckedTarget:
     port: int  # the explicit port, or 80/443 for the scheme
     address: str  # the checked IP address that requests are pinned to
     host_is_ip_address: bool  # True when the URL names an IP address instead of a host name
+    parsed: httpx.URL  # `url` parsed once here, so that building each request does not parse it again
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -143,7 +144,7 @@ class OutboundGuard:
             if ":" not in host and host != str(literal):
                 subject = f"The provider URL host '{host}' is the IPv4 address {literal},"
             self._check_address(literal, subject=subject)
-            return CheckedTarget(url, scheme, host, port, str(literal), host_is_ip_address=True)
+            return CheckedTarget(url, scheme, host, port, str(literal), host_is_ip_address=True, parsed=parsed)
 
         if host.rstrip(".") in METADATA_HOST_NAMES:
             raise ProviderUrlNotAllowed(
@@ -154,7 +155,7 @@ class OutboundGuard:
         for address in addresses:
             self._check_address(address, subject=f"The provider URL host '{host}' resolves to")
         # NOTE: requests go to the first address only, with no fallback to the others when it is unreachable.
-        return CheckedTarget(url, scheme, host, port, str(addresses[0]), host_is_ip_address=False)
+        return CheckedTarget(url, scheme, host, port, str(addresses[0]), host_is_ip_address=False, parsed=parsed)
 
     async def request(self, clients: Clients, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """Check `url`, send the request to the checked address and return the response, never following redirects.
@@ -433,7 +434,7 @@ def _build_pinned_request(
     extensions = dict(options.pop("extensions", None) or {})
 
     # The Host header carries the host and port as written, so virtual hosting works. It replaces a caller's Host.
-    headers["Host"] = httpx.URL(target.url).netloc.decode("ascii")
+    headers["Host"] = target.parsed.netloc.decode("ascii")
 
     if _verifies_host_name(target):
         # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
@@ -445,5 +446,5 @@ def _build_pinned_request(
         # A client shared by several host names must not keep this connection: see HostClients.
         headers["Connection"] = "close"
 
-    pinned_url = httpx.URL(target.url).copy_with(host=target.address)
+    pinned_url = target.parsed.copy_with(host=target.address)
     return client, client.build_request(method, pinned_url, headers=headers, extensions=extensions, **options)
