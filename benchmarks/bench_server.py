@@ -31,6 +31,7 @@ from sqlalchemy.pool import Pool
 
 from benchmarks.common import raise_file_limit
 from pocketllm.app import create_app
+from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.config import load_settings
 from pocketllm.db.engine import create_engine
 from pocketllm.db.migrate import upgrade_database
@@ -150,7 +151,7 @@ def main() -> None:
         log_config=None,
         proxy_headers=False,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        timeout_graceful_shutdown=graceful_shutdown_seconds(settings),
     )
 
 

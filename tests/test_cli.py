@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.db.engine import Database
 from pocketllm.referrals.service import normalize_code
+from tests.conftest import make_settings
 from tests.helpers import DEFAULT_PASSWORD
 
 
@@ -68,6 +70,13 @@ def test_serve_help_documents_options(tmp_path: Path) -> None:
     assert result.returncode == 0
     for option in ("--host", "--port", "--workers"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(0.0, 0), (0.5, 1), (30.0, 30), (30.2, 31)])
+def test_shutdown_grace_rounds_up(tmp_path: Path, configured: float, expected: int) -> None:
+    settings = make_settings("sqlite+aiosqlite://", tmp_path, shutdown_grace_seconds=configured)
+
+    assert graceful_shutdown_seconds(settings) == expected
 
 
 def test_keys_generate_prints_fernet_key(tmp_path: Path) -> None:

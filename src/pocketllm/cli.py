@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -199,9 +200,14 @@ def _serve(settings: Settings, host: str, port: int, workers: int, *, run_worker
         proxy_headers=False,
         server_header=False,
         # Open requests, replies among them, get this long to finish after SIGTERM; then they are cancelled.
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        timeout_graceful_shutdown=graceful_shutdown_seconds(settings),
     )
     return 0
+
+
+def graceful_shutdown_seconds(settings: Settings) -> int:
+    """Return SHUTDOWN_GRACE_SECONDS as the whole seconds uvicorn takes, rounded up so that 0.5 is not 0."""
+    return math.ceil(settings.shutdown_grace_seconds)
 
 
 def _run_worker(settings: Settings, concurrency: int | None) -> int:
