@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, text, update
 
 from pocketllm.db.engine import Database
-from pocketllm.models import ModelConfig, StoredMessage
+from pocketllm.models import Chat, ModelConfig, StoredMessage
 from tests.asgi import disconnect_after_chunks, parse_sse
 from tests.fakes.provider import VALID_ANTHROPIC_API_KEY, VALID_API_KEY, FakeProvider
 from tests.helpers import auth_headers, sign_up
@@ -699,6 +699,52 @@ async def test_other_users_get_404(
     assert_error(await client.delete(path, headers=other), 404, "chat_not_found")
     assert len(await messages_of(client, headers, chat["id"])) == 1
     assert fake_provider.requests_to("/chat/completions") == []
+
+
+async def wait_for_lock_waiter(database: Database) -> None:
+    """Return once a session of the test database waits for a lock, as pg_stat_activity shows it."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    async with asyncio.timeout(10):
+        while True:
+            async with database.engine.connect() as connection:
+                if await connection.scalar(query):
+                    return
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.postgres_only
+async def test_rename_racing_delete_gets_404(
+    client: httpx.AsyncClient, headers: dict[str, str], database: Database
+) -> None:
+    chat = await new_chat(client, headers)
+    async with database.engine.connect() as deleting:
+        # The delete holds the chat's row lock until it commits below, while the rename waits for it.
+        await deleting.execute(delete(Chat).where(Chat.id == uuid.UUID(chat["id"])))
+        rename = asyncio.create_task(client.put(f"/v1/chats/{chat['id']}", headers=headers, json={"title": "renamed"}))
+        await wait_for_lock_waiter(database)
+        await deleting.commit()
+
+    assert_error(await rename, 404, "chat_not_found")
+
+
+@pytest.mark.postgres_only
+async def test_model_change_racing_delete_gets_404(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, database: Database
+) -> None:
+    model = await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+    async with database.engine.connect() as deleting:
+        await deleting.execute(delete(ModelConfig).where(ModelConfig.id == uuid.UUID(model["id"])))
+        change = asyncio.create_task(
+            client.put(f"/v1/chats/{chat['id']}", headers=headers, json={"model_config_id": model["id"]})
+        )
+        await wait_for_lock_waiter(database)
+        await deleting.commit()
+
+    assert_error(await change, 404, "model_not_found")
+    assert (await client.get(f"/v1/chats/{chat['id']}", headers=headers)).json()["chat"]["model_config_id"] is None
 
 
 async def test_requires_authentication(client: httpx.AsyncClient) -> None:

@@ -120,7 +120,7 @@ async def get_chat(chat_id: str, user: CurrentUser, session: DbSession) -> ChatW
 )
 async def update_chat(chat_id: str, payload: ChatUpdate, user: CurrentUser, session: DbSession) -> ChatSummary:
     """Rename the chat or change its model configuration (`null` falls back to the default model)."""
-    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound), lock=True)
     changed = payload.model_fields_set
 
     if "title" in changed and payload.title:

@@ -62,18 +62,32 @@ async def list_chats(session: AsyncSession, user_id: uuid.UUID, *, limit: int, o
     return [ChatSummary.from_row(row, row.last_sequence) for row in result]
 
 
-async def get_chat(session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
-    chat = await session.scalar(select(Chat).where(Chat.id == chat_id, Chat.user_id == user_id))
+async def get_chat(session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID, *, lock: bool = False) -> Chat:
+    """Load the user's chat; with `lock`, lock its row until the transaction ends (PostgreSQL only).
+
+    Lock a chat that the transaction changes: otherwise a delete committed after the read makes the
+    UPDATE match no row, which SQLAlchemy raises as StaleDataError.
+    """
+    statement = select(Chat).where(Chat.id == chat_id, Chat.user_id == user_id)
+    if lock:
+        statement = statement.with_for_update()
+    chat = await session.scalar(statement)
     if chat is None:
         raise ChatNotFound()
     return chat
 
 
 async def check_model_config(session: AsyncSession, user_id: uuid.UUID, raw_id: str) -> uuid.UUID:
-    """Return the id of the caller's model configuration named by `raw_id`, or raise ModelConfigNotFound."""
+    """Return the id of the caller's model configuration named by `raw_id`, or raise ModelConfigNotFound.
+
+    On PostgreSQL the row stays share-locked until the transaction ends, so that a concurrent delete waits
+    instead of turning the caller's reference to it into a foreign key violation.
+    """
     model_config_id = parse_id(raw_id, ModelConfigNotFound)
     exists = await session.scalar(
-        select(ModelConfig.id).where(ModelConfig.id == model_config_id, ModelConfig.user_id == user_id)
+        select(ModelConfig.id)
+        .where(ModelConfig.id == model_config_id, ModelConfig.user_id == user_id)
+        .with_for_update(read=True)
     )
     if exists is None:
         raise ModelConfigNotFound()
