@@ -7,8 +7,9 @@ the statement, fetches its rows and closes the cursor in one call. The adapter's
 description, rowcount) return what that call stored. On a 2-core machine this cut the CPU time of a small
 statement by 40 to 50% (see docs/benchmarks.md, "Fourth round").
 
-It relies on aiosqlite's `Connection._execute` (queue a call for the thread) and `_conn` (the sqlite3
-connection, read on the thread), which aiosqlite 0.22 has; pyproject.toml keeps aiosqlite below 0.23.
+It relies on three private attributes of aiosqlite 0.22's Connection: `_execute` (queue a call for the
+thread), `_conn` (the sqlite3 connection, read on the thread) and `_thread`. pyproject.toml keeps aiosqlite
+below 0.23.
 """
 
 from __future__ import annotations
