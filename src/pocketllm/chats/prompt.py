@@ -42,7 +42,7 @@ def fit_history(
 ) -> list[ChatMessage]:
     """Return the newest earlier messages that fit, oldest first, followed by the new user message.
 
-    `newest_first` holds (role, content) pairs, the newest first, as the history query returns them.
+    `newest_first` contains (role, content) pairs, the newest first, as the history query returns them.
 
     The new message is always included, even when it alone exceeds the budget: only the provider can
     count the tokens exactly.

@@ -63,10 +63,10 @@ async def list_chats(session: AsyncSession, user_id: uuid.UUID, *, limit: int, o
 
 
 async def get_chat(session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID, *, lock: bool = False) -> Chat:
-    """Load the user's chat; with `lock`, lock its row until the transaction ends (PostgreSQL only).
+    """Load the user's chat, and with `lock` keep its row locked until the transaction ends (PostgreSQL).
 
-    Lock a chat that the transaction changes: otherwise a delete committed after the read makes the
-    UPDATE match no row, which SQLAlchemy raises as StaleDataError.
+    Pass `lock` when the transaction changes the chat. Without the lock, a delete committed after the read
+    makes the UPDATE match no row, which SQLAlchemy raises as StaleDataError.
     """
     statement = select(Chat).where(Chat.id == chat_id, Chat.user_id == user_id)
     if lock:
@@ -189,8 +189,8 @@ async def append_message(
     distinct, gap-free numbers: PostgreSQL makes the second writer wait for the row lock, and SQLite runs
     one write transaction at a time. On PostgreSQL the UPDATE and the INSERT are one statement, which is
     atomic on its own, so it is safe in `Database.statements()`. On SQLite they are two statements in the
-    session's transaction. Neither goes through the session's unit of work, which would cost more than the
-    statements themselves.
+    caller's transaction. With a session, neither goes through its unit of work, which would cost more than
+    the statements themselves.
     """
     chat_id = chat.id if isinstance(chat, Chat) else chat
     now = utcnow()

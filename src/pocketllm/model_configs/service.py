@@ -173,9 +173,9 @@ async def delete_saved(session: AsyncSession, user_id: uuid.UUID, config: ModelC
             await session.flush()
 
 
-def to_configuration(config: ModelConfig, provider_base_url: str | None) -> ModelConfiguration:
+def to_configuration(config: ModelConfig, base_url: str | None) -> ModelConfiguration:
+    """Build the API view of `config`; `base_url` is its provider's saved one, None for the provider's default."""
     spec = PROVIDERS.get(config.provider)
-    base_url = provider_base_url
     if base_url is None and spec is not None:
         base_url = spec.default_base_url
     return ModelConfiguration(
