@@ -14,7 +14,9 @@ that runs a deliberately slow image job. It checks that
 * every image job, each posted to both ports at once with one Idempotency-Key, exists once and completed,
   and the provider was asked once per attempt; its image loads through either API port;
 * rate limits count across both API processes (per e-mail address on sign-in, per user on image jobs);
-* the killed worker's job is claimed again after its lease ends and completes on the other worker.
+* the killed worker's job is claimed again after its lease ends and completes on the other worker;
+* a session signed out through port A is rejected by port B, which had just checked it and keeps live
+  sessions in memory, within SIGN_OUT_REACH_SECONDS.
 
 It exits with 0 when every check passes, and with 1 after printing the failed checks and the end of each
 process log. Everything runs on 127.0.0.1 and is bounded by OVERALL_TIMEOUT_SECONDS; the database, the
@@ -93,6 +95,8 @@ SIGNIN_PER_EMAIL_LIMIT = 5
 SIGNIN_ATTEMPTS = 12
 JOBS_PER_USER_LIMIT = 5
 LIMITED_JOB_ATTEMPTS = 12
+# Far below SESSION_CACHE_SECONDS (30 by default), so only the trigger's notice can explain a pass.
+SIGN_OUT_REACH_SECONDS = 5.0
 PASSWORD = "scale-out password 1"  # noqa: S105  (the password of throwaway accounts)
 
 T = TypeVar("T")
@@ -735,6 +739,31 @@ def check_rate_limits(results: Results, checks: Checks) -> None:
     )
 
 
+async def check_sign_out_reach(api: Api, run_id: str, results: Results, checks: Checks) -> None:
+    """Sign out on port A a session that port B has just checked, then read through port B until it is rejected."""
+    email = f"scale-out-{run_id}-sign-out@example.com"
+    body = expect(
+        await api.request(0, "POST", "/v1/auth/signup", json={"email": email, "password": PASSWORD}),
+        200,
+        f"sign-up of {email}",
+    )
+    headers = {"Authorization": f"Bearer {body['tokens']['access_token']}"}
+    for _ in range(2):
+        expect(await api.request(1, "GET", "/v1/users/profile", headers=headers), 200, "profile on port B")
+    expect(await api.request(0, "POST", "/v1/auth/signout", headers=headers), 200, "sign-out on port A")
+
+    started = time.monotonic()
+    status = 200
+    while status == 200 and time.monotonic() - started < SIGN_OUT_REACH_SECONDS:
+        status = (await api.request(1, "GET", "/v1/users/profile", headers=headers)).status_code
+    results.timings["sign-out on port A rejected by port B after"] = time.monotonic() - started
+    checks.check(
+        status == 401,
+        f"port B still accepted a session signed out through port A after {SIGN_OUT_REACH_SECONDS:g} s "
+        f"(last status {status})",
+    )
+
+
 def check_logs(children: list[Child], killed: Child | None, checks: Checks) -> None:
     for child in children:
         if child is killed:
@@ -881,6 +910,7 @@ async def run_proof(resources: Resources, directory: Path, clock: Clock, checks:
     owners = {job.job_ids[0]: job.user for job in results.jobs}
     owners |= {job_id: results.users[-1] for job_id in results.limited_job_ids}
     await check_images(api, [(job_id, owners[job_id]) for job_id in completed], checks)
+    await check_sign_out_reach(api, run_id, results, checks)
     check_logs(resources.children, killed, checks)
     print_summary(results, fake, checks, clock, killed)
 

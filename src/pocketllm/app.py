@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_worker:
             app.state.job_worker = build_job_worker(settings, database, app.state.storage, app.state.providers)
             worker_task = asyncio.create_task(app.state.job_worker.run(worker_stop), name="job-worker")
+        await app.state.auth_backend.start()
         log.info(
             "app.started",
             version=__version__,

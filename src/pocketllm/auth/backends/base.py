@@ -68,5 +68,8 @@ class AuthBackend(ABC):
         transaction, so a request never holds two database connections at once.
         """
 
+    async def start(self) -> None:  # noqa: B027  (optional hook)
+        """Start background work, such as listening for notices; called when the app starts."""
+
     async def close(self) -> None:  # noqa: B027  (optional hook)
         """Release network clients; called when the app shuts down."""

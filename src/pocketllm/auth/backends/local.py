@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 import structlog
@@ -25,6 +28,7 @@ from pocketllm.auth.schemas import (
     SignUpRequest,
     SignUpResponse,
 )
+from pocketllm.auth.session_cache import SESSIONS_CHANNEL, SessionCheckCache
 from pocketllm.auth.tokens import (
     AccessTokenVerifier,
     TokenInvalid,
@@ -34,6 +38,7 @@ from pocketllm.auth.tokens import (
 )
 from pocketllm.config import Settings
 from pocketllm.db.engine import Database
+from pocketllm.db.notices import NoticeListener, listener_dsn
 from pocketllm.db.types import utcnow
 from pocketllm.errors import InvalidInput, NotAuthenticated
 from pocketllm.models import AuthSession, Profile, RefreshToken, User
@@ -82,6 +87,32 @@ class LocalAuthBackend(AuthBackend):
         self._database = database
         self._passwords = passwords
         self._verifier = AccessTokenVerifier(settings)
+        self.session_cache = SessionCheckCache(settings.session_cache_seconds)
+        self.session_listener: NoticeListener | None = None
+        dsn = listener_dsn(settings.effective_database_url)
+        if dsn is not None and settings.session_cache_seconds > 0:
+            self.session_listener = NoticeListener(
+                dsn,
+                SESSIONS_CHANNEL,
+                self.session_cache.notice,
+                log_prefix="auth.session_cache",
+                on_listening=self.session_cache.listening,
+                on_lost=self.session_cache.lost,
+            )
+        self._listener_stop = asyncio.Event()
+        self._listener_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.session_listener is not None:
+            self._listener_task = asyncio.create_task(
+                self.session_listener.run(self._listener_stop), name="session-listener"
+            )
+
+    async def close(self) -> None:
+        self._listener_stop.set()
+        if self._listener_task is not None:
+            await self._listener_task
+            self._listener_task = None
 
     async def sign_up(self, request: SignUpRequest, client: ClientInfo) -> SignUpResponse:
         email = canonicalize_email(request.email)
@@ -143,7 +174,7 @@ class LocalAuthBackend(AuthBackend):
         try:
             return await self._refresh(refresh_token)
         except _RefreshTokenReplayed as replay:
-            async with self._database.transaction() as session:
+            async with self._revoking(replay.user_id) as session:
                 await self._revoke_sessions(
                     session, replay.user_id, scope="local", current=replay.session_id, reason="token_reused"
                 )
@@ -188,7 +219,7 @@ class LocalAuthBackend(AuthBackend):
         )
 
     async def sign_out(self, principal: Principal, scope: SignOutScope) -> SignOutResponse:
-        async with self._database.transaction() as session:
+        async with self._revoking(principal.user_id) as session:
             revoked = await self._revoke_sessions(
                 session, principal.user_id, scope=scope, current=principal.session_id, reason="signed_out"
             )
@@ -205,7 +236,7 @@ class LocalAuthBackend(AuthBackend):
             raise PasswordUnchanged()
         new_hash = await self._passwords.hash(new)
 
-        async with self._database.transaction() as session:
+        async with self._revoking(principal.user_id) as session:
             await session.execute(
                 update(User)
                 .where(User.id == principal.user_id)
@@ -227,6 +258,12 @@ class LocalAuthBackend(AuthBackend):
         if claims.session_id is None:
             raise TokenInvalid("The access token has no 'session_id' claim.")
 
+        cache = self.session_cache
+        email = cache.lookup(claims.session_id, claims.user_id, utcnow())
+        if email is not None:
+            return Principal(user_id=claims.user_id, email=email, session_id=claims.session_id, access_token=token)
+
+        generation = cache.generation
         # One query, so it needs no snapshot: on PostgreSQL it runs without BEGIN and ROLLBACK.
         async with self._database.read_connection() as connection:
             row = (
@@ -238,7 +275,21 @@ class LocalAuthBackend(AuthBackend):
             raise SessionRevoked()
         if row.expires_at <= utcnow():
             raise SessionExpired()
+        cache.remember(claims.session_id, claims.user_id, row.email, row.expires_at, generation=generation)
         return Principal(user_id=claims.user_id, email=row.email, session_id=claims.session_id, access_token=token)
+
+    @asynccontextmanager
+    async def _revoking(self, user_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
+        """A transaction that revokes sessions of `user_id`; this process forgets them once it has ended.
+
+        Other processes forget them when the trigger's notice arrives. Forgetting only after the commit
+        matters: a check running meanwhile could read the row before the commit and remember it again.
+        """
+        try:
+            async with self._database.transaction() as session:
+                yield session
+        finally:
+            self.session_cache.forget_user(user_id)
 
     async def _start_session(
         self, session: AsyncSession, user: User, client: ClientInfo
