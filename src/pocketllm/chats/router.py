@@ -16,7 +16,7 @@ from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.chats import service
 from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
 from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
-from pocketllm.db.dependencies import DbSession
+from pocketllm.db.dependencies import DbReader, DbSession
 from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import Limiter
 from pocketllm.kit.routing import JsonBodyRoute
@@ -69,12 +69,12 @@ def get_replies(request: Request) -> ReplyGenerator:
 @router.get("", response_model=list[ChatSummary], responses=error_responses(NotAuthenticated))
 async def list_chats(
     user: CurrentUser,
-    session: DbSession,
+    connection: DbReader,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ChatSummary]:
     """List the caller's chats, most recently updated first."""
-    return await service.list_chats(session, user.user_id, limit=limit, offset=offset)
+    return await service.list_chats(connection, user.user_id, limit=limit, offset=offset)
 
 
 @router.post(

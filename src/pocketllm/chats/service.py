@@ -57,7 +57,7 @@ _LIST_CHATS = (
 )
 
 
-async def list_chats(session: AsyncSession, user_id: uuid.UUID, *, limit: int, offset: int) -> list[ChatSummary]:
+async def list_chats(session: Connectable, user_id: uuid.UUID, *, limit: int, offset: int) -> list[ChatSummary]:
     result = await session.execute(_LIST_CHATS, {"p_user_id": user_id, "p_limit": limit, "p_offset": offset})
     return [ChatSummary.from_row(row, row.last_sequence) for row in result]
 

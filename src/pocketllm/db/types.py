@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
-from sqlalchemy import JSON, DateTime
+from sqlalchemy import JSON, DateTime, Row
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
+
+# A result row of any number of columns, read by attribute name where a mapped object would be too costly.
+AnyRow: TypeAlias = Row[*tuple[Any, ...]]
 
 
 class UTCDateTime(TypeDecorator[datetime]):

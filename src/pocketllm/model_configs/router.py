@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth.dependencies import CurrentUser
-from pocketllm.db.dependencies import Db, DbSession
+from pocketllm.db.dependencies import Db, DbReader, DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.model_configs import service
@@ -74,12 +74,9 @@ async def catalogue(
 
 
 @router.get("/saved", response_model=list[ModelConfiguration], responses=error_responses(NotAuthenticated))
-async def list_saved(user: CurrentUser, session: DbSession) -> list[ModelConfiguration]:
+async def list_saved(user: CurrentUser, connection: DbReader) -> list[ModelConfiguration]:
     """List the caller's saved model configurations, oldest first."""
-    return [
-        service.to_configuration(config, base_url)
-        for config, base_url in await service.list_saved(session, user.user_id)
-    ]
+    return await service.list_saved(connection, user.user_id)
 
 
 @router.post(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import and_, bindparam, inspect, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from pocketllm.db.types import AnyRow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.schemas import ModelConfiguration, ModelSettings
 from pocketllm.models import ModelConfig, ProviderConfig, User
@@ -39,9 +40,13 @@ def parse_model_id(raw: str) -> uuid.UUID:
 
 # Built once, so that each run skips building the expression and looking up its compiled form.
 # The provider's base URL comes in the same query, and no other column of the provider's row (its
-# encrypted key among them) is loaded.
+# encrypted key among them) is loaded. The configurations are read as rows named like the `ModelConfig`
+# attributes, because building mapped objects cost more than the query.
 _LIST_SAVED = (
-    select(ModelConfig, ProviderConfig.base_url)
+    select(
+        *(getattr(ModelConfig, column.key).label(column.key) for column in inspect(ModelConfig).column_attrs),
+        ProviderConfig.base_url.label("provider_base_url"),
+    )
     .outerjoin(
         ProviderConfig,
         and_(ProviderConfig.id == ModelConfig.provider_config_id, ProviderConfig.user_id == ModelConfig.user_id),
@@ -51,10 +56,10 @@ _LIST_SAVED = (
 )
 
 
-async def list_saved(session: AsyncSession, user_id: uuid.UUID) -> list[tuple[ModelConfig, str | None]]:
+async def list_saved(connection: AsyncConnection, user_id: uuid.UUID) -> list[ModelConfiguration]:
     """Return the user's model configurations, oldest first, each with its provider's saved base URL."""
-    result = await session.execute(_LIST_SAVED, {"p_user_id": user_id})
-    return [(config, base_url) for config, base_url in result]
+    result = await connection.execute(_LIST_SAVED, {"p_user_id": user_id})
+    return [to_configuration(row, row.provider_base_url) for row in result]
 
 
 async def get_saved(session: AsyncSession, user_id: uuid.UUID, model_id: uuid.UUID) -> ModelConfig:
@@ -173,7 +178,7 @@ async def delete_saved(session: AsyncSession, user_id: uuid.UUID, config: ModelC
             await session.flush()
 
 
-def to_configuration(config: ModelConfig, base_url: str | None) -> ModelConfiguration:
+def to_configuration(config: ModelConfig | AnyRow, base_url: str | None) -> ModelConfiguration:
     """Build the API view of `config`; `base_url` is its provider's saved one, None for the provider's default."""
     spec = PROVIDERS.get(config.provider)
     if base_url is None and spec is not None:

@@ -12,7 +12,8 @@ from fastapi import APIRouter, File, Request, UploadFile
 
 from pocketllm.auth import service as auth_service
 from pocketllm.auth.dependencies import CurrentUser
-from pocketllm.db.dependencies import Db, DbSession
+from pocketllm.db.dependencies import Db, DbReader, DbSession
+from pocketllm.db.types import AnyRow
 from pocketllm.errors import Forbidden, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute
 from pocketllm.models import Profile, User
@@ -41,7 +42,7 @@ def public_base_url(request: Request) -> str:
     return (configured or str(request.base_url)).rstrip("/")
 
 
-def render_profile(request: Request, user: User, profile: Profile) -> UserProfile:
+def render_profile(request: Request, user: User | AnyRow, profile: Profile | AnyRow) -> UserProfile:
     avatar_url = None
     if profile.avatar_key:
         avatar_url = get_storage(request).url_for(profile.avatar_key, base_url=public_base_url(request))
@@ -56,10 +57,10 @@ async def _delete_file(request: Request, key: str | None) -> None:
 @router.get(
     "/profile", response_model=UserProfile, responses=error_responses(NotAuthenticated, service.ProfileNotFound)
 )
-async def get_profile(user: CurrentUser, session: DbSession, request: Request) -> UserProfile:
+async def get_profile(user: CurrentUser, connection: DbReader, request: Request) -> UserProfile:
     """Return the caller's profile."""
-    account, profile = await service.get_profile(session, user.user_id)
-    return render_profile(request, account, profile)
+    row = await service.read_profile(connection, user.user_id)
+    return render_profile(request, row, row)
 
 
 @router.put(
@@ -189,7 +190,7 @@ async def cancel_deletion(user: CurrentUser, session: DbSession, request: Reques
     response_model=UserProfile,
     responses=error_responses(NotAuthenticated, Forbidden, service.ProfileNotFound),
 )
-async def get_user(user_id: str, user: CurrentUser, session: DbSession, request: Request) -> Any:
+async def get_user(user_id: str, user: CurrentUser, connection: DbReader, request: Request) -> Any:
     """Return a profile by id; only the caller's own profile may be read."""
     try:
         requested = uuid.UUID(user_id)
@@ -197,5 +198,5 @@ async def get_user(user_id: str, user: CurrentUser, session: DbSession, request:
         requested = None
     if requested != user.user_id:
         raise Forbidden("You can only read your own profile.")
-    account, profile = await service.get_profile(session, user.user_id)
-    return render_profile(request, account, profile)
+    row = await service.read_profile(connection, user.user_id)
+    return render_profile(request, row, row)

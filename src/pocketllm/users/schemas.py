@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pocketllm.db.types import AnyRow
 from pocketllm.models import Profile, User
 
 
@@ -46,7 +47,8 @@ class UserProfile(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def from_rows(cls, user: User, profile: Profile, *, avatar_url: str | None = None) -> UserProfile:
+    def from_rows(cls, user: User | AnyRow, profile: Profile | AnyRow, *, avatar_url: str | None = None) -> UserProfile:
+        """Build the view from the mapped objects, or from one row of `read_profile` passed as both."""
         return cls(
             id=user.id,
             email=user.email,

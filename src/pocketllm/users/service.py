@@ -8,12 +8,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pocketllm.db.engine import Database
-from pocketllm.db.types import utcnow
+from pocketllm.db.types import AnyRow, utcnow
 from pocketllm.errors import Conflict, NotFound
 from pocketllm.models import Profile, User
 from pocketllm.users.schemas import UserProfileUpdate
@@ -43,6 +43,26 @@ async def get_profile(session: AsyncSession, user_id: uuid.UUID) -> tuple[User, 
     if row is None:
         raise ProfileNotFound()
     return row[0], row[1]
+
+
+# The user's e-mail address and every profile column, read as one row for GET /v1/users/profile. Building
+# the two mapped objects of `_PROFILE` and the session around them cost more than the query.
+_PROFILE_ROW = (
+    select(User.email, *(getattr(Profile, column.key).label(column.key) for column in inspect(Profile).column_attrs))
+    .join(Profile, Profile.id == User.id)
+    .where(User.id == bindparam("p_user_id"))
+)
+
+
+async def read_profile(connection: AsyncConnection, user_id: uuid.UUID) -> AnyRow:
+    """Return the user's e-mail address and profile as one row, whose names are the `Profile` attributes.
+
+    The row's `id` is the profile's, which is the user's id.
+    """
+    row = (await connection.execute(_PROFILE_ROW, {"p_user_id": user_id})).one_or_none()
+    if row is None:
+        raise ProfileNotFound()
+    return row
 
 
 async def update_profile(
