@@ -35,6 +35,7 @@ from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.config import load_settings
 from pocketllm.db.engine import create_engine
 from pocketllm.db.migrate import upgrade_database
+from pocketllm.kit.collector import tune_garbage_collector
 
 
 class StatementClock:
@@ -144,6 +145,8 @@ def main() -> None:
     watch.install()
     app = create_app(settings)
     add_bench_routes(app, clock, watch)
+    # As create_app_from_environment does for `pocketllm serve`.
+    tune_garbage_collector()
     uvicorn.run(
         app,
         host="127.0.0.1",

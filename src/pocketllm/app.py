@@ -31,6 +31,7 @@ from pocketllm.health.router import router as health_router
 from pocketllm.jobs.handlers import build_job_worker
 from pocketllm.jobs.router import router as jobs_router
 from pocketllm.kit.cache import build_cache
+from pocketllm.kit.collector import tune_garbage_collector
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
 from pocketllm.kit.metrics import install_metrics
@@ -216,5 +217,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_app_from_environment() -> FastAPI:
-    """Factory for `uvicorn --factory pocketllm.app:create_app_from_environment` and `pocketllm serve`."""
-    return create_app(load_settings())
+    """Factory for `uvicorn --factory pocketllm.app:create_app_from_environment` and `pocketllm serve`.
+
+    Each server process calls it once, so it also tunes the process's garbage collector (kit/collector.py).
+    """
+    app = create_app(load_settings())
+    tune_garbage_collector()
+    return app
