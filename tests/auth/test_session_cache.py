@@ -23,8 +23,10 @@ from pocketllm.auth.schemas import SignInRequest, SignUpRequest
 from pocketllm.auth.session_cache import SessionCheckCache
 from pocketllm.config import Settings
 from pocketllm.db.engine import Database, create_engine
+from pocketllm.db.migrate import upgrade_database
 from pocketllm.db.types import utcnow
-from tests.conftest import make_settings
+from tests.conftest import _drop_postgres_database, make_settings
+from tests.db.test_migrations import new_postgres_database
 from tests.helpers import DEFAULT_PASSWORD, auth_headers, sign_up
 
 WAIT_SECONDS = 10
@@ -209,6 +211,35 @@ async def test_zero_seconds_turns_the_cache_off(database_url: str, tmp_path: Pat
                 for _ in range(3):
                     assert (await get_profile(client, headers)).status_code == 200
     assert len(checks) == 3
+
+
+async def test_missing_triggers_keep_cache_off(
+    tmp_path: Path, unique_email: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A database migrated only up to the revision before the triggers, as after a deploy that skipped
+    # `pocketllm migrate`: no notice would ever arrive.
+    name, url = await new_postgres_database()
+    try:
+        engine = create_engine(url)
+        await upgrade_database(engine, "0008")
+        await engine.dispose()
+        application = create_app(make_settings(url, tmp_path / "data"))
+        async with application.router.lifespan_context(application):
+            backend = backend_of(application)
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
+                headers = auth_headers(await sign_up(client, unique_email))
+                with counting_session_checks(application) as checks:
+                    for _ in range(3):
+                        assert (await get_profile(client, headers)).status_code == 200
+            assert backend.session_cache.enabled is False
+    finally:
+        await _drop_postgres_database(name)
+
+    assert len(checks) == 3
+    # The app writes its log to the process's standard streams, as under `pocketllm serve`.
+    captured = capfd.readouterr()
+    assert "auth.session_cache_off" in captured.out + captured.err
 
 
 # The cache on its own, with a clock the test moves.

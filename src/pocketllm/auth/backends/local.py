@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth import service
@@ -53,6 +55,13 @@ _SESSION_CHECK = (
     .join(User, User.id == AuthSession.user_id)
     .where(AuthSession.id == bindparam("p_session_id"), AuthSession.user_id == bindparam("p_user_id"))
 )
+
+
+# The triggers of migration 0009 that send the notices the session cache relies on.
+SESSION_TRIGGERS = ("auth_sessions_changed", "auth_sessions_emptied", "users_changed", "users_emptied")
+_SESSION_TRIGGERS_INSTALLED = text("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(:names)")
+# How long shutting down waits for the session listener to stop before cancelling it.
+LISTENER_STOP_SECONDS = 5.0
 
 
 class SessionRevoked(NotAuthenticated):
@@ -103,15 +112,33 @@ class LocalAuthBackend(AuthBackend):
         self._listener_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.session_listener is not None:
-            self._listener_task = asyncio.create_task(
-                self.session_listener.run(self._listener_stop), name="session-listener"
+        if self.session_listener is None:
+            return
+        # Without the triggers no notice would ever come, and a sign-out would reach other processes only
+        # after SESSION_CACHE_SECONDS. So the cache stays off: every request checks its session.
+        try:
+            async with self._database.read_connection() as connection:
+                installed = await connection.scalar(_SESSION_TRIGGERS_INSTALLED, {"names": list(SESSION_TRIGGERS)})
+        except (OSError, SQLAlchemyError) as error:
+            log.warning("auth.session_cache_off", reason="trigger check failed", error=type(error).__name__)
+            return
+        if installed != len(SESSION_TRIGGERS):
+            log.warning(
+                "auth.session_cache_off",
+                reason="session triggers missing; run `pocketllm migrate` and restart",
+                triggers_found=installed,
             )
+            return
+        self._listener_task = asyncio.create_task(
+            self.session_listener.run(self._listener_stop), name="session-listener"
+        )
 
     async def close(self) -> None:
         self._listener_stop.set()
         if self._listener_task is not None:
-            await self._listener_task
+            # The listener may be waiting for a connection to an unreachable server; do not wait that long.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener_task, timeout=LISTENER_STOP_SECONDS)
             self._listener_task = None
 
     async def sign_up(self, request: SignUpRequest, client: ClientInfo) -> SignUpResponse:
