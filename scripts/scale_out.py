@@ -339,6 +339,7 @@ class Results:
     killed_at: float = 0.0
     completed_before_kill: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    sign_out_reach_ms: float = 0.0
 
 
 class Api:
@@ -756,7 +757,7 @@ async def check_sign_out_reach(api: Api, run_id: str, results: Results, checks: 
     status = 200
     while status == 200 and time.monotonic() - started < SIGN_OUT_REACH_SECONDS:
         status = (await api.request(1, "GET", "/v1/users/profile", headers=headers)).status_code
-    results.timings["sign-out on port A rejected by port B after"] = time.monotonic() - started
+    results.sign_out_reach_ms = (time.monotonic() - started) * 1000
     checks.check(
         status == 401,
         f"port B still accepted a session signed out through port A after {SIGN_OUT_REACH_SECONDS:g} s "
@@ -982,6 +983,7 @@ def print_summary(results: Results, fake: FakeProvider, checks: Checks, clock: C
     print(f"  jobs the killed worker held: {len(results.interrupted_job_ids)}, each completed by the other worker")
     for name, seconds in results.timings.items():
         print(f"  {name}: {seconds:.1f} s")
+    print(f"  a sign-out through port A was rejected by port B after {results.sign_out_reach_ms:.1f} ms")
     print(f"  total so far: {clock.elapsed():.1f} s")
 
 

@@ -2,9 +2,9 @@
 
 Every authenticated request checks that its session is neither revoked nor expired. That check is a
 database round trip, about a quarter of the CPU of a small authenticated read. On PostgreSQL, triggers
-on `auth_sessions` and `users` (migration 0009) send a notice on SESSIONS_CHANNEL whenever a session row is
-updated or deleted, or a user's e-mail address changes or the user is deleted, whoever makes the change:
-this server, another process, or an operator in psql. Each API process listens on that channel and keeps
+on `auth_sessions` and `users` (migration 0009) send a notice on SESSIONS_CHANNEL whenever a session is
+revoked, refreshed or deleted, or a user's e-mail address changes or the user is deleted, whoever makes
+the change: this server, another process, or an operator in psql. Each API process listens on that channel and keeps
 a session it has checked until a notice names it, its user, or the whole table.
 
 Rules that keep a remembered session from outliving its row:
@@ -16,8 +16,9 @@ Rules that keep a remembered session from outliving its row:
   notice to come back;
 * an entry is trusted for at most SESSION_CACHE_SECONDS, and never past the session's own expiry.
 
-A sign-out made in another process takes effect here once this process reads the notice, normally within
-a millisecond. SQLite has no notices, so there every request checks its session in the database.
+A sign-out made in another process takes effect here once this process reads the notice: in
+scripts/scale_out.py, on one host, within 50 ms. SQLite has no notices, so there every request checks its
+session in the database.
 """
 
 from __future__ import annotations

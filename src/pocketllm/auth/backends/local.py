@@ -307,10 +307,10 @@ class LocalAuthBackend(AuthBackend):
 
     @asynccontextmanager
     async def _revoking(self, user_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
-        """A transaction that revokes sessions of `user_id`; this process forgets them once it has ended.
+        """Yield a transaction that revokes sessions of `user_id`, and drop them from this process's cache after it.
 
-        Other processes forget them when the trigger's notice arrives. Forgetting only after the commit
-        matters: a check running meanwhile could read the row before the commit and remember it again.
+        Other processes drop them when the trigger's notice arrives. Dropping them only after the commit
+        matters, because a check running meanwhile could read the row before the commit and cache it again.
         """
         try:
             async with self._database.transaction() as session:
