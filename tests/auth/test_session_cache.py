@@ -180,7 +180,7 @@ async def test_lost_listener_disables_cache_until_reconnect(
         terminated = await connection.scalar(
             text(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE query LIKE 'LISTEN %pocketllm_sessions%'"
+                "WHERE datname = current_database() AND query LIKE 'LISTEN %pocketllm_sessions%'"
             )
         )
     assert terminated == 1

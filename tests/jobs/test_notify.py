@@ -90,7 +90,8 @@ async def test_listener_reconnects_after_losing_its_connection(
         terminated = await session.scalar(
             text(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE query LIKE 'LISTEN %pocketllm_jobs%' AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND query LIKE 'LISTEN %pocketllm_jobs%' "
+                "AND pid <> pg_backend_pid()"
             )
         )
     assert terminated == 1
