@@ -15,9 +15,11 @@ import httpx
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy.exc import IntegrityError
 
 from pocketllm import __version__
 from pocketllm.auth.backends.base import AuthBackend
+from pocketllm.auth.dependencies import handle_account_deleted
 from pocketllm.auth.passwords import PasswordHashing
 from pocketllm.auth.router import router as auth_router
 from pocketllm.chats.replies import SHUTDOWN_REPLY_WAIT_SECONDS, ReplyGenerator
@@ -183,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
 
     register_error_handlers(app)
+    app.add_exception_handler(IntegrityError, handle_account_deleted)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -25,6 +25,7 @@ from pocketllm.config import Settings
 from pocketllm.db.engine import Database, create_engine
 from pocketllm.db.migrate import upgrade_database
 from pocketllm.db.types import utcnow
+from tests.chats.test_router import wait_for_lock_waiter
 from tests.conftest import _drop_postgres_database, make_settings
 from tests.db.test_migrations import new_postgres_database
 from tests.helpers import DEFAULT_PASSWORD, auth_headers, sign_up
@@ -240,6 +241,26 @@ async def test_missing_triggers_keep_cache_off(
     # The app writes its log to the process's standard streams, as under `pocketllm serve`.
     captured = capfd.readouterr()
     assert "auth.session_cache_off" in captured.out + captured.err
+
+
+@pytest.mark.postgres_only
+async def test_write_after_account_deleted_is_401(
+    client: httpx.AsyncClient, unique_email: str, database: Database
+) -> None:
+    signed_up = await sign_up(client, unique_email)
+    headers = auth_headers(signed_up)
+    assert (await get_profile(client, headers)).status_code == 200
+    async with database.engine.connect() as deleting:
+        # The delete holds the user's row lock until it commits below. The chat's insert waits for it
+        # after the session check has passed, then fails its foreign key to the deleted user.
+        await deleting.execute(text("DELETE FROM users WHERE id = :id"), {"id": signed_up["user"]["id"]})
+        creating = asyncio.create_task(client.post("/v1/chats", headers=headers, json={"title": "late"}))
+        await wait_for_lock_waiter(database)
+        await deleting.commit()
+
+    response = await creating
+    assert response.status_code == 401
+    assert response.json()["code"] == "session_revoked"
 
 
 # The cache on its own, with a clock the test moves.
