@@ -19,6 +19,11 @@ log = structlog.get_logger(__name__)
 # Waits between attempts to listen again after the connection failed: doubled up to the maximum.
 FIRST_RECONNECT_SECONDS = 0.5
 MAX_RECONNECT_SECONDS = 30.0
+# A connection that stops carrying data without closing (a network partition, a NAT that forgot it) sends
+# no notices and raises nothing. A query every PING_SECONDS that must answer within PING_TIMEOUT_SECONDS
+# finds it, and the listener then reconnects.
+PING_SECONDS = 5.0
+PING_TIMEOUT_SECONDS = 2.0
 
 
 def listener_dsn(database_url: str) -> str | None:
@@ -47,7 +52,11 @@ class NoticeListener:
         log_prefix: str,
         on_listening: Callable[[bool], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        ping_seconds: float = PING_SECONDS,
+        ping_timeout_seconds: float = PING_TIMEOUT_SECONDS,
     ) -> None:
+        self._ping_seconds = ping_seconds
+        self._ping_timeout = ping_timeout_seconds
         self._dsn = dsn
         self._channel = channel
         self._on_notice = on_notice
@@ -75,10 +84,10 @@ class NoticeListener:
                     log.info(f"{self._log_prefix}.listening_again")
                     self.reconnected.set()
                 pause = FIRST_RECONNECT_SECONDS
-                await _first_of(stop, lost)
+                await self._watch(connection, stop, lost)
                 if lost.is_set() and not stop.is_set():
                     log.warning(f"{self._log_prefix}.listen_lost", retry_in=pause)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
                 # The error type only: connection errors can quote the connection string.
                 log.warning(f"{self._log_prefix}.listen_failed", error=type(error).__name__, retry_in=pause)
             finally:
@@ -87,13 +96,29 @@ class NoticeListener:
                     if self._on_lost is not None:
                         self._on_lost()
                 if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close(timeout=5)
+                    if lost.is_set():
+                        # A connection that stopped answering would not answer a polite close either.
+                        connection.terminate()
+                    else:
+                        with contextlib.suppress(Exception):
+                            await connection.close(timeout=5)
             if stop.is_set():
                 return
             reconnected = True
             await _first_of(stop, timeout=pause)
             pause = min(pause * 2, MAX_RECONNECT_SECONDS)
+
+    async def _watch(self, connection: Any, stop: asyncio.Event, lost: asyncio.Event) -> None:
+        """Return when `stop` or `lost` is set, pinging the connection meanwhile and setting `lost` if it fails."""
+        while not stop.is_set() and not lost.is_set():
+            await _first_of(stop, lost, timeout=self._ping_seconds)
+            if stop.is_set() or lost.is_set():
+                return
+            try:
+                await asyncio.wait_for(connection.fetchval("SELECT 1"), timeout=self._ping_timeout)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                log.warning(f"{self._log_prefix}.ping_failed", error=type(error).__name__)
+                lost.set()
 
     def _notice(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
         self._on_notice(payload)
