@@ -103,3 +103,25 @@ async def test_stalled_connection_counts_as_lost(database_url: str, proxy: Stall
     finally:
         stop.set()
         await asyncio.wait_for(running, WAIT_SECONDS)
+
+
+def test_listener_dsn_drops_dialect_options() -> None:
+    dsn = listener_dsn(
+        "postgresql+asyncpg://app:secret@db.internal/pocketllm?prepared_statement_cache_size=0&ssl=require"
+    )
+
+    assert dsn == "postgresql://app:secret@db.internal/pocketllm?sslmode=require"
+
+
+@pytest.mark.postgres_only
+async def test_listener_listens_with_dialect_options(database_url: str) -> None:
+    dsn = listener_dsn(f"{database_url}?prepared_statement_cache_size=0")
+    assert dsn is not None
+    listener = NoticeListener(dsn, "pocketllm_test", lambda _payload: None, log_prefix="test")
+    stop = asyncio.Event()
+    running = asyncio.create_task(listener.run(stop))
+    try:
+        await asyncio.wait_for(listener.listening.wait(), WAIT_SECONDS)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, WAIT_SECONDS)

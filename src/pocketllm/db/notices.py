@@ -26,11 +26,25 @@ PING_SECONDS = 5.0
 PING_TIMEOUT_SECONDS = 2.0
 
 
+# Options of SQLAlchemy's asyncpg dialect in DATABASE_URL that are not PostgreSQL connection parameters.
+# asyncpg would send them to the server as settings, which the server rejects.
+_DIALECT_ONLY_OPTIONS = ("prepared_statement_cache_size", "prepared_statement_name_func")
+
+
 def listener_dsn(database_url: str) -> str | None:
-    """Return the asyncpg connection string for a PostgreSQL SQLAlchemy URL, or None for other databases."""
+    """Return the asyncpg connection string for a PostgreSQL SQLAlchemy URL, or None for other databases.
+
+    The dialect's own options are left out, and its `ssl` option becomes asyncpg's `sslmode`.
+    """
     url = make_url(database_url)
     if url.get_backend_name() != "postgresql":
         return None
+    url = url.difference_update_query(_DIALECT_ONLY_OPTIONS)
+    if "ssl" in url.query:
+        ssl = url.query["ssl"]
+        url = url.difference_update_query(["ssl"])
+        if "sslmode" not in url.query:
+            url = url.update_query_dict({"sslmode": ssl})
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
