@@ -18,6 +18,7 @@ import pytest
 
 from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.db.engine import Database
+from pocketllm.db.migrate import head_revision
 from pocketllm.referrals.service import normalize_code
 from tests.conftest import make_settings
 from tests.helpers import DEFAULT_PASSWORD
@@ -166,6 +167,22 @@ def test_migrate_builds_fresh_sqlite_database(tmp_path: Path) -> None:
     assert current is not None
     assert latest is not None
     assert current.group(1) == latest.group(1)
+
+
+def test_migrate_to_passed_revision_changes_nothing(database_url: str, tmp_path: Path) -> None:
+    result = run_cli("migrate", "--revision", "0008", database_url=database_url, data_dir=tmp_path / "data")
+
+    assert result.returncode == 0, result.stderr
+    assert f"database is at revision {head_revision()}" in result.stdout
+    assert "unchanged: migrate only upgrades" in result.stdout
+
+
+def test_migrate_to_unknown_revision_fails(database_url: str, tmp_path: Path) -> None:
+    result = run_cli("migrate", "--revision", "0042", database_url=database_url, data_dir=tmp_path / "data")
+
+    assert result.returncode == 2
+    assert "cannot migrate to revision '0042'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def free_port() -> int:

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
 from cryptography.fernet import Fernet
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -251,8 +253,17 @@ def _migrate(settings: Settings, revision: str, *, show: bool) -> int:
         print(f"current: {current or '(empty database)'}")
         print(f"latest:  {head_revision()}")
         return 0
-    asyncio.run(_upgrade(settings, revision))
-    print(f"database is at revision {revision if revision != 'head' else head_revision()}")
+    before = asyncio.run(_with_engine(settings, current_revision))
+    try:
+        asyncio.run(_upgrade(settings, revision))
+    except (CommandError, RevisionError) as error:
+        print(f"pocketllm: cannot migrate to revision {revision!r}: {error}", file=sys.stderr)
+        return 2
+    after = asyncio.run(_with_engine(settings, current_revision))
+    print(f"database is at revision {after}")
+    if after == before and revision != "head":
+        # Alembic only upgrades: a revision the database has already passed changes nothing.
+        print(f"unchanged: migrate only upgrades, and the database is not behind revision {revision}")
     return 0
 
 
