@@ -32,7 +32,10 @@ class UserProfile(BaseModel):
     waitlist_status: str = "pending"
     waitlist_applied_at: datetime | None = None
     waitlist_metadata: dict[str, Any] | None = None
-    onboarding: dict[str, Any] | None = Field(default=None, description="Onboarding answers, kept verbatim.")
+    onboarding: dict[str, Any] | None = Field(
+        default=None,
+        description="Onboarding answers as sent; on PostgreSQL their keys may come back in another order.",
+    )
     onboarding_responses: dict[str, Any] | None = Field(
         default=None, description="The same object as `onboarding`, under the name older clients read."
     )
@@ -131,7 +134,7 @@ class UserProfileUpdate(BaseModel):
     heard_from: str | None = Field(default=None, max_length=200)
     survey_completed: bool | None = None
     onboarding: dict[str, Any] | None = Field(
-        default=None, description="Stored exactly as sent, replacing the old answers."
+        default=None, description="Replaces the old answers as a whole; key order is not kept on PostgreSQL."
     )
     preferences: dict[str, Any] | None = Field(
         default=None,
