@@ -109,11 +109,28 @@ class ValidationErrorBody(BaseModel):
     message: str
 
 
+# The 401 codes of a route behind an access token: no token, a token that fails a check (auth/tokens.py),
+# or a session that has ended (auth/backends/local.py).
+ACCESS_TOKEN_ERROR_CODES = (
+    "not_authenticated",
+    "token_malformed",
+    "token_algorithm_rejected",
+    "token_signature_invalid",
+    "token_audience_invalid",
+    "token_issuer_invalid",
+    "token_expired",
+    "token_invalid",
+    "session_revoked",
+    "session_expired",
+)
+
+
 def error_responses(*errors: type[PocketLLMError]) -> dict[int | str, dict[str, Any]]:
     """Build the OpenAPI `responses` entry listing the domain errors a route can return.
 
-    A 422 entry replaces FastAPI's own request validation entry, so it documents both bodies: ErrorBody
-    for the domain errors and ValidationErrorBody for request validation errors.
+    NotAuthenticated stands for every code of ACCESS_TOKEN_ERROR_CODES. A 422 entry replaces FastAPI's own
+    request validation entry, so it documents both bodies: ErrorBody for the domain errors and
+    ValidationErrorBody for request validation errors.
     """
     by_status: dict[int, list[type[PocketLLMError]]] = {}
     for error in errors:
@@ -122,6 +139,8 @@ def error_responses(*errors: type[PocketLLMError]) -> dict[int | str, dict[str, 
     responses: dict[int | str, dict[str, Any]] = {}
     for status, classes in sorted(by_status.items()):
         codes = sorted({error.code for error in classes})
+        if NotAuthenticated in classes:
+            codes = sorted({*codes, *ACCESS_TOKEN_ERROR_CODES})
         if status == 422:
             codes = sorted({*codes, "validation_error"})
             model: Any = ErrorBody | ValidationErrorBody
