@@ -200,17 +200,27 @@ async def test_lost_listener_disables_cache_until_reconnect(
     assert len(checks) == 1
 
 
-@pytest.mark.postgres_only
-async def test_zero_seconds_turns_the_cache_off(database_url: str, tmp_path: Path, unique_email: str) -> None:
-    application = create_app(make_settings(database_url, tmp_path / "data", session_cache_seconds=0))
+async def session_checks_of_three_reads(settings: Settings, email: str) -> tuple[list[str], LocalAuthBackend]:
+    """Start an app with `settings`, sign up and read the profile three times; return the session checks
+    the app sent to its database, and its auth backend."""
+    application = create_app(settings)
     async with application.router.lifespan_context(application):
-        assert backend_of(application).session_listener is None
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
-            headers = auth_headers(await sign_up(client, unique_email))
+            headers = auth_headers(await sign_up(client, email))
             with counting_session_checks(application) as checks:
                 for _ in range(3):
                     assert (await get_profile(client, headers)).status_code == 200
+    return checks, backend_of(application)
+
+
+@pytest.mark.postgres_only
+async def test_zero_seconds_turns_the_cache_off(database_url: str, tmp_path: Path, unique_email: str) -> None:
+    settings = make_settings(database_url, tmp_path / "data", session_cache_seconds=0)
+
+    checks, backend = await session_checks_of_three_reads(settings, unique_email)
+
+    assert backend.session_listener is None
     assert len(checks) == 3
 
 
@@ -224,16 +234,7 @@ async def test_missing_triggers_keep_cache_off(
         engine = create_engine(url)
         await upgrade_database(engine, "0008")
         await engine.dispose()
-        application = create_app(make_settings(url, tmp_path / "data"))
-        async with application.router.lifespan_context(application):
-            backend = backend_of(application)
-            transport = httpx.ASGITransport(app=application)
-            async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
-                headers = auth_headers(await sign_up(client, unique_email))
-                with counting_session_checks(application) as checks:
-                    for _ in range(3):
-                        assert (await get_profile(client, headers)).status_code == 200
-            assert backend.session_cache.enabled is False
+        checks, _ = await session_checks_of_three_reads(make_settings(url, tmp_path / "data"), unique_email)
     finally:
         await _drop_postgres_database(name)
 
