@@ -5,13 +5,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import JSON, DateTime, Row
+from sqlalchemy import JSON, DateTime, Row, inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 # A result row of any number of columns, read by attribute name where a mapped object would be too costly.
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
+
+
+def attribute_columns(model: type[Any]) -> list[Any]:
+    """Return the mapped columns of `model`, each labelled with its attribute name.
+
+    Selected this way, the rows of a Core statement read like the mapped objects: `extra_metadata`, not
+    the column's name `metadata`.
+    """
+    return [getattr(model, column.key).label(column.key) for column in inspect(model).column_attrs]
 
 
 class UTCDateTime(TypeDecorator[datetime]):

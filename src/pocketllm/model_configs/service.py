@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, bindparam, inspect, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from pocketllm.db.types import AnyRow
+from pocketllm.db.types import AnyRow, attribute_columns
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.schemas import ModelConfiguration, ModelSettings
 from pocketllm.models import ModelConfig, ProviderConfig, User
@@ -44,7 +44,7 @@ def parse_model_id(raw: str) -> uuid.UUID:
 # attributes, because building mapped objects cost more than the query.
 _LIST_SAVED = (
     select(
-        *(getattr(ModelConfig, column.key).label(column.key) for column in inspect(ModelConfig).column_attrs),
+        *attribute_columns(ModelConfig),
         ProviderConfig.base_url.label("provider_base_url"),
     )
     .outerjoin(

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, func, inspect, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pocketllm.db.engine import Database
-from pocketllm.db.types import AnyRow, utcnow
+from pocketllm.db.types import AnyRow, attribute_columns, utcnow
 from pocketllm.errors import Conflict, NotFound
 from pocketllm.models import Profile, User
 from pocketllm.users.schemas import UserProfileUpdate
@@ -48,7 +48,7 @@ async def get_profile(session: AsyncSession, user_id: uuid.UUID) -> tuple[User, 
 # The user's e-mail address and every profile column, read as one row for GET /v1/users/profile. Building
 # the two mapped objects of `_PROFILE` and the session around them cost more than the query.
 _PROFILE_ROW = (
-    select(User.email, *(getattr(Profile, column.key).label(column.key) for column in inspect(Profile).column_attrs))
+    select(User.email, *attribute_columns(Profile))
     .join(Profile, Profile.id == User.id)
     .where(User.id == bindparam("p_user_id"))
 )
