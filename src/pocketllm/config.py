@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
     access_token_ttl_seconds: int = Field(default=3600, ge=60, le=86_400)
     session_ttl_seconds: int = Field(default=30 * 86_400, ge=3600)
-    # On PostgreSQL, how long a process may answer a session check from memory; trigger notices make it
-    # forget a session as soon as it is signed out anywhere (auth/session_cache.py). 0 checks every time.
+    # On PostgreSQL, how long a process may serve a session check from memory. Trigger notices make it drop
+    # a session as soon as it is signed out anywhere (auth/session_cache.py). 0 checks every request.
     session_cache_seconds: int = Field(default=30, ge=0, le=3600)
     refresh_token_rotation: bool = False
     refresh_token_reuse_interval_seconds: int = Field(default=10, ge=0, le=3600)

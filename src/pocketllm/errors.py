@@ -128,7 +128,7 @@ ACCESS_TOKEN_ERROR_CODES = (
 def error_responses(*errors: type[PocketLLMError]) -> dict[int | str, dict[str, Any]]:
     """Build the OpenAPI `responses` entry listing the domain errors a route can return.
 
-    NotAuthenticated stands for every code of ACCESS_TOKEN_ERROR_CODES. A 422 entry replaces FastAPI's own
+    NotAuthenticated is listed as every code of ACCESS_TOKEN_ERROR_CODES. A 422 entry replaces FastAPI's own
     request validation entry, so it documents both bodies: ErrorBody for the domain errors and
     ValidationErrorBody for request validation errors.
     """

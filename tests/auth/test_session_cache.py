@@ -201,8 +201,10 @@ async def test_lost_listener_disables_cache_until_reconnect(
 
 
 async def session_checks_of_three_reads(settings: Settings, email: str) -> tuple[list[str], LocalAuthBackend]:
-    """Start an app with `settings`, sign up and read the profile three times; return the session checks
-    the app sent to its database, and its auth backend."""
+    """Start an app with `settings`, sign up and read the profile three times.
+
+    Return the session-check statements the app sent to its database, and its auth backend.
+    """
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
@@ -306,7 +308,7 @@ def test_cache_disabled_before_listening() -> None:
     assert cache.lookup(SESSION, USER, NOW) is None
 
 
-def test_check_that_overlapped_a_notice_is_not_remembered() -> None:
+def test_overlapping_check_not_remembered() -> None:
     cache = listening_cache()
     started = cache.generation
 

@@ -3,8 +3,8 @@
 Every authenticated request checks that its session is neither revoked nor expired. That check is a
 database round trip, about a quarter of the CPU of a small authenticated read. On PostgreSQL, triggers
 on `auth_sessions` and `users` (migration 0009) send a notice on SESSIONS_CHANNEL whenever a session is
-revoked, refreshed or deleted, or a user's e-mail address changes or the user is deleted, whoever makes
-the change: this server, another process, or an operator in psql. Each API process listens on that channel and keeps
+revoked, refreshed or deleted, or a user's e-mail address changes or the user is deleted, from any source:
+this server, another process, or an operator in psql. Each API process listens on that channel and keeps
 a session it has checked until a notice names it, its user, or the whole table.
 
 Rules that keep a remembered session from outliving its row:

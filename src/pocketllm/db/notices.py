@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 FIRST_RECONNECT_SECONDS = 0.5
 MAX_RECONNECT_SECONDS = 30.0
 # A connection that stops carrying data without closing (a network partition, a NAT that forgot it) sends
-# no notices and raises nothing. A query every PING_SECONDS that must answer within PING_TIMEOUT_SECONDS
+# no notices and raises nothing. A query every PING_SECONDS that must return within PING_TIMEOUT_SECONDS
 # finds it, and the listener then reconnects.
 PING_SECONDS = 5.0
 PING_TIMEOUT_SECONDS = 2.0
@@ -111,7 +111,7 @@ class NoticeListener:
                         self._on_lost()
                 if connection is not None:
                     if lost.is_set():
-                        # A connection that stopped answering would not answer a polite close either.
+                        # A connection that stopped responding would not complete a graceful close either.
                         connection.terminate()
                     else:
                         with contextlib.suppress(Exception):

@@ -34,7 +34,7 @@ class UserProfile(BaseModel):
     waitlist_metadata: dict[str, Any] | None = None
     onboarding: dict[str, Any] | None = Field(
         default=None,
-        description="Onboarding answers as sent; on PostgreSQL their keys may come back in another order.",
+        description="Onboarding answers as sent. On PostgreSQL their keys may be returned in another order.",
     )
     onboarding_responses: dict[str, Any] | None = Field(
         default=None, description="The same object as `onboarding`, under the name older clients read."
@@ -134,7 +134,7 @@ class UserProfileUpdate(BaseModel):
     heard_from: str | None = Field(default=None, max_length=200)
     survey_completed: bool | None = None
     onboarding: dict[str, Any] | None = Field(
-        default=None, description="Replaces the old answers as a whole; key order is not kept on PostgreSQL."
+        default=None, description="Replaces the old answers as a whole. On PostgreSQL key order is not kept."
     )
     preferences: dict[str, Any] | None = Field(
         default=None,
