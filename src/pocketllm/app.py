@@ -46,6 +46,7 @@ from pocketllm.providers.catalogue import Catalogue
 from pocketllm.providers.dependencies import ProviderRuntime
 from pocketllm.providers.guard import HostClients, OutboundGuard
 from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.network import ProviderTransport
 from pocketllm.providers.router import router as providers_router
 from pocketllm.referrals.router import legacy_referral_router, referral_router, waitlist_router
 from pocketllm.storage.router import router as files_router
@@ -76,13 +77,14 @@ def build_provider_runtime(settings: Settings) -> ProviderRuntime:
     # about 0.8 MB and 18 ms per context.
     tls_context = ssl.create_default_context(cafile=certifi.where())
 
+    limits = httpx.Limits(max_connections=settings.provider_max_connections, max_keepalive_connections=100)
+
     def make_client() -> httpx.AsyncClient:
         return httpx.AsyncClient(
+            transport=ProviderTransport(ssl_context=tls_context, limits=limits),
             timeout=httpx.Timeout(
                 settings.provider_read_timeout_seconds, connect=settings.provider_connect_timeout_seconds
             ),
-            limits=httpx.Limits(max_connections=settings.provider_max_connections, max_keepalive_connections=100),
-            verify=tls_context,
             follow_redirects=False,
             # Proxy variables from the environment would bypass the guard's address pinning, and .netrc
             # credentials must never be attached to provider requests.

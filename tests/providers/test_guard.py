@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pocketllm.errors import InvalidInput
 from pocketllm.providers.guard import HostClients, OutboundGuard, ProviderUnreachable, ProviderUrlNotAllowed
+from pocketllm.providers.network import ProviderTransport
 
 METADATA_LOCATION = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
 PRIVATE_HINT = "ALLOW_PRIVATE_PROVIDER_URLS=true"
@@ -148,8 +149,10 @@ class _RecordingHandler(BaseHTTPRequestHandler):
 class LoopbackOnlyTransport(httpx.AsyncBaseTransport):
     """Records every request and connects only to 127.0.0.1, failing any request for another host."""
 
-    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
-        self._inner = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)
+    def __init__(self, verify: ssl.SSLContext | None = None) -> None:
+        # The server's own transport, so that connections and TLS handshakes run as in production.
+        context = verify if verify is not None else ssl.create_default_context()
+        self._inner = ProviderTransport(ssl_context=context, limits=httpx.Limits())
         self.requests: list[httpx.Request] = []
 
     @property
