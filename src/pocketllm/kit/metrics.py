@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import Literal
 
 import structlog
@@ -76,11 +75,31 @@ JOB_DURATION_SECONDS = Histogram(
 
 
 class ProviderCallTimer:
-    """The clock of one provider call. `response_started` stops it at the response headers."""
+    """Records the duration and outcome of the provider call made inside its `with` block.
 
-    def __init__(self) -> None:
+    Errors from the block are re-raised. `response_started` stops the clock at the response headers, for
+    streams. `provider` must be a provider id from the registry, never a URL, because it becomes a label
+    value. A class rather than a @contextmanager generator: one stays alive per open stream.
+    """
+
+    __slots__ = ("_operation", "_provider", "_seconds", "_started")
+
+    def __init__(self, provider: str, operation: ProviderOperation) -> None:
+        self._provider = provider
+        self._operation = operation
         self._started = time.perf_counter()
         self._seconds: float | None = None
+
+    def __enter__(self) -> ProviderCallTimer:
+        return self
+
+    def __exit__(
+        self, error_type: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        outcome = "ok" if error is None else provider_call_outcome(error)
+        PROVIDER_REQUEST_SECONDS.labels(provider=self._provider, operation=self._operation, outcome=outcome).observe(
+            self.seconds()
+        )
 
     def response_started(self) -> None:
         if self._seconds is None:
@@ -90,25 +109,6 @@ class ProviderCallTimer:
         if self._seconds is not None:
             return self._seconds
         return time.perf_counter() - self._started
-
-
-@contextmanager
-def time_provider_call(provider: str, operation: ProviderOperation) -> Iterator[ProviderCallTimer]:
-    """Record the duration and outcome of the provider call made inside the block, then re-raise any error.
-
-    `provider` must be a provider id from the registry, never a URL, because it becomes a label value.
-    """
-    timer = ProviderCallTimer()
-    outcome = "ok"
-    try:
-        yield timer
-    except BaseException as error:
-        outcome = provider_call_outcome(error)
-        raise
-    finally:
-        PROVIDER_REQUEST_SECONDS.labels(provider=provider, operation=operation, outcome=outcome).observe(
-            timer.seconds()
-        )
 
 
 def provider_call_outcome(error: BaseException) -> str:

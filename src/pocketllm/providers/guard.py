@@ -170,13 +170,21 @@ class OutboundGuard:
     @asynccontextmanager
     async def stream(self, clients: Clients, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """Like `request`, but yield the response before its body is read, for server-sent events."""
-        target = await self.check(url)
-        client, request = _build_pinned_request(clients, method, target, kwargs)
-        response = await client.send(request, stream=True, follow_redirects=False)
+        response = await self.open_stream(clients, method, url, **kwargs)
         try:
             yield response
         finally:
             await response.aclose()
+
+    async def open_stream(self, clients: Clients, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Like `stream`, but return the open response, which the caller must close with `aclose()`.
+
+        For callers that keep the response open in a context manager of their own, which then saves the
+        generator and context manager objects of `stream` for as long as the response is open.
+        """
+        target = await self.check(url)
+        client, request = _build_pinned_request(clients, method, target, kwargs)
+        return await client.send(request, stream=True, follow_redirects=False)
 
     async def _resolve_addresses(self, host: str, port: int) -> list[IPAddress]:
         try:

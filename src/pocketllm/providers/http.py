@@ -9,16 +9,17 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import httpx
 import structlog
 
 from pocketllm.errors import PocketLLMError
-from pocketllm.kit.metrics import time_provider_call
+from pocketllm.kit.metrics import ProviderCallTimer
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.guard import Clients, OutboundGuard
 
@@ -87,8 +88,8 @@ class ProviderHttp:
         `raise_for_provider_status`). A body larger than `max_response_bytes` raises ProviderResponseTooLarge
         as soon as the limit is passed, so a provider cannot fill the server's memory.
         """
-        with time_provider_call(provider, "request"):
-            with _transport_errors(provider):
+        with ProviderCallTimer(provider, "request"):
+            with _TransportErrors(provider):
                 async with self.guard.stream(
                     self.client,
                     method,
@@ -124,36 +125,50 @@ class ProviderHttp:
 
         The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.
         """
-        with time_provider_call(provider, "stream") as timer, _transport_errors(provider):
-            async with self.guard.stream(
+        with ProviderCallTimer(provider, "stream") as timer, _TransportErrors(provider):
+            response = await self.guard.open_stream(
                 self.client,
                 method,
                 url,
                 headers=headers,
                 json=json,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            ) as response:
+            )
+            try:
                 timer.response_started()
                 if response.status_code >= 300:
                     await response.aread()
                     raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
                 yield response
+            finally:
+                await response.aclose()
 
 
-@contextmanager
-def _transport_errors(provider: str) -> Iterator[None]:
-    """Turn httpx timeouts and connection failures into ProviderTimeout and ProviderRequestFailed."""
-    try:
-        yield
-    except httpx.TimeoutException as error:
-        log.info("provider.timed_out", provider=provider, error=type(error).__name__)
-        raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-    except httpx.TransportError as error:
-        log.info("provider.unreachable", provider=provider, error=type(error).__name__)
-        raise ProviderRequestFailed(
-            f"The connection to {provider} failed or closed before the response was complete; "
-            "check its base URL and try again."
-        ) from error
+class _TransportErrors:
+    """Turns httpx timeouts and connection failures inside its block into ProviderTimeout and
+    ProviderRequestFailed. A class rather than a @contextmanager generator: one stays alive per open stream."""
+
+    __slots__ = ("_provider",)
+
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, error_type: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        provider = self._provider
+        if isinstance(error, httpx.TimeoutException):
+            log.info("provider.timed_out", provider=provider, error=type(error).__name__)
+            raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
+        if isinstance(error, httpx.TransportError):
+            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+            raise ProviderRequestFailed(
+                f"The connection to {provider} failed or closed before the response was complete; "
+                "check its base URL and try again."
+            ) from error
 
 
 class ProviderResponseTooLarge(ProviderRequestFailed):
