@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     install_security(app, settings)
     install_metrics(app, settings)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
 
     # Every route has a request body limit (kit/routing.py), so every route can return 413.
     too_large: dict[int | str, dict[str, Any]] = {

@@ -25,13 +25,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pocketllm.config import Settings
 from pocketllm.db.dependencies import get_database
 from pocketllm.db.engine import Database
 from pocketllm.errors import PocketLLMError
-from pocketllm.kit.request_id import route_template
 from pocketllm.models.job import ACTIVE_STATUSES, Job
 
 log = structlog.get_logger(__name__)
@@ -148,6 +146,11 @@ class AppMetrics:
         self.registry.register(JOB_DURATION_SECONDS)
         self._queue_depth_failing = False
 
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one HTTP request's duration. `route` is the route template, never the raw path."""
+        method_label = method if method in _KNOWN_METHODS else "other"
+        self.request_duration.labels(method=method_label, route=route, status=str(status)).observe(seconds)
+
     async def update_queue_depth(self, database: Database) -> None:
         """Count the active jobs by status into the gauge, or set it to -1 when the database fails.
 
@@ -179,37 +182,6 @@ async def count_active_jobs(database: Database) -> dict[str, int]:
     return {status: int(count) for status, count in rows}
 
 
-class RequestMetricsMiddleware:
-    """Observes every HTTP request's duration in `pocketllm_http_request_duration_seconds`."""
-
-    def __init__(self, app: ASGIApp, metrics: AppMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        # An error that escapes the app becomes a 500 response in RequestIdMiddleware, outside this one.
-        status_code = 500
-        started = time.perf_counter()
-
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status_code
-            if message["type"] == "http.response.start":
-                status_code = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording_status)
-        finally:
-            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
-            self.metrics.request_duration.labels(
-                method=method, route=route_template(scope), status=str(status_code)
-            ).observe(time.perf_counter() - started)
-
-
 async def serve_metrics(request: Request) -> Response:
     """Return this process's metrics in the Prometheus text format."""
     metrics: AppMetrics = request.app.state.metrics
@@ -226,7 +198,7 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         app.state.metrics = None
         return
 
-    metrics = AppMetrics()
-    app.state.metrics = metrics
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    # RequestIdMiddleware observes each request in app.state.metrics, so that one middleware times it for
+    # both the log line and the histogram.
+    app.state.metrics = AppMetrics()
     app.add_api_route(METRICS_PATH, serve_metrics, methods=["GET"], include_in_schema=False)
