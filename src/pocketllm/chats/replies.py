@@ -78,7 +78,7 @@ class PreparedReply:
 
     user_id: uuid.UUID
     chat_id: uuid.UUID
-    user_message: Message
+    user_message_id: uuid.UUID
     target: ProviderTarget
     request: ChatRequest
     model_config_id: uuid.UUID
@@ -149,8 +149,14 @@ class ReplyGenerator:
                 session, user_id, chat_id, role=payload.role, content=payload.content, metadata=payload.metadata
             )
 
-    async def prepare(self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate) -> PreparedReply:
-        """Check that the chat has a usable model, then store the user's message and build the prompt."""
+    async def prepare(
+        self, user_id: uuid.UUID, chat_id: uuid.UUID, payload: MessageCreate
+    ) -> tuple[PreparedReply, Message]:
+        """Check that the chat has a usable model, then store the user's message and build the prompt.
+
+        Returns the prepared reply and the stored user message. The message is not part of PreparedReply,
+        which the reply task keeps until the reply is stored, so that an open stream does not hold it.
+        """
         # Each statement is atomic on its own: nothing is stored before the model is known to be usable,
         # and the message is numbered and inserted in one statement on PostgreSQL.
         async with self._database.statements() as connection:
@@ -186,14 +192,15 @@ class ReplyGenerator:
                 presence_penalty=settings.get("presence_penalty"),
             ),
         )
-        return PreparedReply(
+        prepared = PreparedReply(
             user_id=user_id,
             chat_id=chat_id,
-            user_message=user_message,
+            user_message_id=user_message.id,
             target=target,
             request=request,
             model_config_id=model_config.id,
         )
+        return prepared, user_message
 
     def start(self, prepared: PreparedReply) -> asyncio.Task[Message]:
         """Generate and store the reply in a task that outlives the request."""
@@ -290,7 +297,7 @@ class ReplyGenerator:
             "finish_reason": storable_text(result.finish_reason) if result.finish_reason else None,
             "usage": _usage_dict(result.usage),
             "latency_ms": latency_ms,
-            "reply_to": str(prepared.user_message.id),
+            "reply_to": str(prepared.user_message_id),
         }
         if result.incomplete:
             metadata["incomplete"] = True
@@ -336,7 +343,7 @@ class ReplyGenerator:
                 await service.record_reply_failure(
                     session,
                     prepared.user_id,
-                    prepared.user_message.id,
+                    prepared.user_message_id,
                     code=failure.code,
                     detail=storable_text(failure.message),
                 )

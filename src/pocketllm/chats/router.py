@@ -11,7 +11,6 @@ import pydantic_core
 import structlog
 from fastapi import APIRouter, Query, Request, Response, status
 
-from pocketllm.auth.backends.base import Principal
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.chats import service
 from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
@@ -185,9 +184,9 @@ async def post_message(
     if payload.role != "user":
         return await replies.store_only(user.user_id, parsed_chat_id, payload)
 
-    prepared = await replies.prepare(user.user_id, parsed_chat_id, payload)
+    prepared, user_message = await replies.prepare(user.user_id, parsed_chat_id, payload)
     if payload.stream:
-        return _streaming_response(request, prepared, user)
+        return _streaming_response(request, prepared, user_message)
 
     # shield(): a client that disconnects cancels this wait, not the reply, which is still stored.
     task = replies.start(prepared)
@@ -203,13 +202,15 @@ async def post_message(
         raise
 
 
-def _streaming_response(request: Request, prepared: PreparedReply, user: Principal) -> EventStreamResponse:
+def _streaming_response(request: Request, prepared: PreparedReply, user_message: Message) -> EventStreamResponse:
     replies = get_replies(request)
     heartbeat_seconds: float = request.app.state.settings.stream_heartbeat_seconds
+    # Encoded now, so that the open stream keeps these bytes instead of the message object.
+    first_event = _sse("user_message", user_message.model_dump(mode="json"))
     stream = replies.start_stream(prepared)
 
     async def events() -> AsyncIterator[bytes]:
-        yield _sse("user_message", prepared.user_message.model_dump(mode="json"))
+        yield first_event
         async for batch in stream_items(stream, heartbeat_seconds):
             if not batch:
                 yield b": heartbeat\n\n"
