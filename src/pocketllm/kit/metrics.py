@@ -73,11 +73,11 @@ JOB_DURATION_SECONDS = Histogram(
 
 
 class ProviderCallTimer:
-    """Records the duration and outcome of the provider call made inside its `with` block.
+    """Context manager that records the duration and outcome of the provider call made inside its block.
 
     Errors from the block are re-raised. `response_started` stops the clock at the response headers, for
     streams. `provider` must be a provider id from the registry, never a URL, because it becomes a label
-    value. A class rather than a @contextmanager generator: one stays alive per open stream.
+    value. A class rather than a @contextmanager generator, because one stays alive per open stream.
     """
 
     __slots__ = ("_operation", "_provider", "_seconds", "_started")

@@ -38,8 +38,9 @@ log = structlog.get_logger("pocketllm.request")
 
 
 class RequestIdMiddleware:
-    """Binds the request id to the log context and logs each request's outcome. With `metrics`, it also
-    observes the request's duration in the histogram, so that no second middleware wraps every request."""
+    """Middleware that binds the request id to the log context and logs each request's outcome. With
+    `metrics`, it also observes the request's duration in the histogram, so that no second middleware
+    wraps every request."""
 
     def __init__(self, app: ASGIApp, metrics: AppMetrics | None = None) -> None:
         self.app = app

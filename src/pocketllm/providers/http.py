@@ -145,8 +145,9 @@ class ProviderHttp:
 
 
 class _TransportErrors:
-    """Turns httpx timeouts and connection failures inside its block into ProviderTimeout and
-    ProviderRequestFailed. A class rather than a @contextmanager generator: one stays alive per open stream."""
+    """Context manager that turns httpx timeouts and connection failures inside its block into
+    ProviderTimeout and ProviderRequestFailed. A class rather than a @contextmanager generator, because
+    one stays alive per open stream."""
 
     __slots__ = ("_provider",)
 
