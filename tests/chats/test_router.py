@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import uuid
@@ -15,6 +16,7 @@ from sqlalchemy import delete, func, select, text, update
 
 from pocketllm.db.engine import Database
 from pocketllm.models import Chat, ModelConfig, StoredMessage
+from pocketllm.providers.chat import ChatMessage, ChatRequest
 from tests.asgi import disconnect_after_chunks, parse_sse
 from tests.fakes.provider import VALID_ANTHROPIC_API_KEY, VALID_API_KEY, FakeProvider
 from tests.helpers import auth_headers, sign_up
@@ -658,6 +660,38 @@ class TestStreaming:
             ("user", "and then?", "complete"),
             ("assistant", "ab", "complete"),
         ]
+
+    async def test_open_stream_drops_prompt(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        marker = f"earlier message {uuid.uuid4().hex}"
+        assert (await send(client, headers, chat["id"], content=marker)).status_code == 200
+        fake_provider.stream_chunks = ["a", "b"]
+        fake_provider.fail_next("/chat/completions", stall_stream_after=1, delay_seconds=600)
+
+        # The response ends after the first delta, while the reply task still waits on the provider.
+        await disconnect_after_chunks(
+            app,
+            f"/v1/chats/{chat['id']}/messages",
+            headers=headers,
+            payload={"content": "and then?", "role": "user", "stream": True},
+            chunks=2,
+        )
+        gc.collect()
+        live = gc.get_objects()
+        prompts = [obj for obj in live if isinstance(obj, ChatRequest) and marker in repr(obj.messages)]
+        prompt_messages = [obj for obj in live if isinstance(obj, ChatMessage) and marker in obj.content]
+        del live
+        sent = fake_provider.last_request("/chat/completions")
+        fake_provider.reset()
+        await app.state.replies.drain(timeout=10)
+
+        # The provider got the history, and the open stream kept no copy of it as objects.
+        assert marker in json.dumps(sent.body)
+        assert prompts == []
+        assert prompt_messages == []
 
 
 async def test_chat_count_matches_messages(client: httpx.AsyncClient, headers: dict[str, str]) -> None:

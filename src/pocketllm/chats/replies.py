@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,15 +73,24 @@ def storable_text(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class PreparedReply:
-    """Everything a reply needs, loaded in one short transaction. Holds the decrypted key: never log it."""
+class ReplyRecord:
+    """The ids, provider and model that storing a reply or its failure needs, without the prompt."""
 
     user_id: uuid.UUID
     chat_id: uuid.UUID
     user_message_id: uuid.UUID
+    model_config_id: uuid.UUID
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedReply:
+    """Everything a reply needs, loaded in one short transaction. Holds the decrypted key: never log it."""
+
+    record: ReplyRecord
     target: ProviderTarget
     request: ChatRequest
-    model_config_id: uuid.UUID
 
 
 @dataclass(slots=True)
@@ -192,14 +201,15 @@ class ReplyGenerator:
                 presence_penalty=settings.get("presence_penalty"),
             ),
         )
-        prepared = PreparedReply(
+        record = ReplyRecord(
             user_id=user_id,
             chat_id=chat_id,
             user_message_id=user_message.id,
-            target=target,
-            request=request,
             model_config_id=model_config.id,
+            provider=target.provider,
+            model=request.model,
         )
+        prepared = PreparedReply(record=record, target=target, request=request)
         return prepared, user_message
 
     def start(self, prepared: PreparedReply) -> asyncio.Task[Message]:
@@ -209,7 +219,10 @@ class ReplyGenerator:
     def start_stream(self, prepared: PreparedReply) -> ReplyStream:
         """Stream the reply into a ReplyStream from a task that outlives the request."""
         stream = ReplyStream()
-        self._track(asyncio.create_task(self._generate_streaming(prepared, stream)))
+        # The task gets the provider stream and the record, not the prompt, which can be large. The
+        # stream's generator lets go of the prompt once it has encoded the request body.
+        items = stream_chat(self._http, prepared.target, prepared.request)
+        self._track(asyncio.create_task(self._generate_streaming(prepared.record, items, stream)))
         return stream
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -240,22 +253,25 @@ class ReplyGenerator:
 
     async def _generate(self, prepared: PreparedReply) -> Message:
         started = time.perf_counter()
+        record = prepared.record
         try:
             result = await complete_chat(self._http, prepared.target, prepared.request)
-            return await self._store_reply(prepared, result, latency_ms=_elapsed_ms(started))
+            return await self._store_reply(record, result, latency_ms=_elapsed_ms(started))
         except asyncio.CancelledError:
-            await self._fail(prepared, ReplyInterrupted())
+            await self._fail(record, ReplyInterrupted())
             raise
         except Exception as error:
-            raise await self._fail(prepared, error) from error
+            raise await self._fail(record, error) from error
 
-    async def _generate_streaming(self, prepared: PreparedReply, stream: ReplyStream) -> None:
+    async def _generate_streaming(
+        self, record: ReplyRecord, provider_stream: AsyncGenerator[ContentDelta | StreamEnd, None], stream: ReplyStream
+    ) -> None:
         started = time.perf_counter()
         text: list[str] = []
         try:
             end: StreamEnd | None = None
             # aclosing(): the provider connection is closed even when this loop stops early.
-            async with contextlib.aclosing(stream_chat(self._http, prepared.target, prepared.request)) as items:
+            async with contextlib.aclosing(provider_stream) as items:
                 async for item in items:
                     if isinstance(item, ContentDelta):
                         text.append(item.text)
@@ -273,31 +289,31 @@ class ReplyGenerator:
                 incomplete=end.incomplete,
             )
             message = await self._store_reply(
-                prepared,
+                record,
                 result,
                 latency_ms=_elapsed_ms(started),
                 error_code=end.error.code if end.error else None,
             )
             stream.put(StreamItem(message=message))
         except asyncio.CancelledError:
-            stream.put(StreamItem(error=await self._fail(prepared, ReplyInterrupted())))
+            stream.put(StreamItem(error=await self._fail(record, ReplyInterrupted())))
             raise
         except Exception as error:
-            stream.put(StreamItem(error=await self._fail(prepared, error)))
+            stream.put(StreamItem(error=await self._fail(record, error)))
         finally:
             stream.put(None)
 
     async def _store_reply(
-        self, prepared: PreparedReply, result: ChatResult, *, latency_ms: int, error_code: str | None = None
+        self, record: ReplyRecord, result: ChatResult, *, latency_ms: int, error_code: str | None = None
     ) -> Message:
         metadata: dict[str, Any] = {
-            "provider": prepared.target.provider,
-            "model": storable_text(result.model or prepared.request.model),
-            "model_config_id": str(prepared.model_config_id),
+            "provider": record.provider,
+            "model": storable_text(result.model or record.model),
+            "model_config_id": str(record.model_config_id),
             "finish_reason": storable_text(result.finish_reason) if result.finish_reason else None,
             "usage": _usage_dict(result.usage),
             "latency_ms": latency_ms,
-            "reply_to": str(prepared.user_message_id),
+            "reply_to": str(record.user_message_id),
         }
         if result.incomplete:
             metadata["incomplete"] = True
@@ -307,8 +323,8 @@ class ReplyGenerator:
         async with self._database.statements() as connection:
             stored = await service.append_message(
                 connection,
-                prepared.user_id,
-                prepared.chat_id,
+                record.user_id,
+                record.chat_id,
                 role="assistant",
                 content=storable_text(result.content),
                 status="incomplete" if result.incomplete else "complete",
@@ -316,15 +332,15 @@ class ReplyGenerator:
             )
         log.info(
             "chat.reply.stored",
-            chat_id=str(prepared.chat_id),
+            chat_id=str(record.chat_id),
             message_id=str(stored.id),
-            provider=prepared.target.provider,
+            provider=record.provider,
             latency_ms=latency_ms,
             incomplete=result.incomplete,
         )
         return stored
 
-    async def _fail(self, prepared: PreparedReply, error: Exception) -> PocketLLMError:
+    async def _fail(self, record: ReplyRecord, error: Exception) -> PocketLLMError:
         """Record a failed reply on the user's message and return the error to report."""
         if isinstance(error, ProviderUnreachable):
             # At this point the URL was saved and checked before: not resolving now is an outage.
@@ -332,23 +348,21 @@ class ReplyGenerator:
         elif isinstance(error, PocketLLMError):
             failure = error
         else:
-            log.exception("chat.reply.crashed", chat_id=str(prepared.chat_id), exc_info=error)
+            log.exception("chat.reply.crashed", chat_id=str(record.chat_id), exc_info=error)
             failure = ReplyFailed()
 
-        log.info(
-            "chat.reply.failed", chat_id=str(prepared.chat_id), provider=prepared.target.provider, code=failure.code
-        )
+        log.info("chat.reply.failed", chat_id=str(record.chat_id), provider=record.provider, code=failure.code)
         try:
             async with self._database.transaction() as session:
                 await service.record_reply_failure(
                     session,
-                    prepared.user_id,
-                    prepared.user_message_id,
+                    record.user_id,
+                    record.user_message_id,
                     code=failure.code,
                     detail=storable_text(failure.message),
                 )
         except Exception:
-            log.exception("chat.reply.failure_not_recorded", chat_id=str(prepared.chat_id))
+            log.exception("chat.reply.failure_not_recorded", chat_id=str(record.chat_id))
         return failure
 
 

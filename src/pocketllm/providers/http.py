@@ -7,6 +7,7 @@ provider text reaches our responses or logs without `scrub_secret` first.
 from __future__ import annotations
 
 import email.utils
+import json as jsonlib
 import math
 import re
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +60,11 @@ def provider_error_message(response: httpx.Response, secret: str | None) -> str:
             message = error
         message = message or body.get("message") or body.get("detail")
     return scrub_secret(message, secret) if isinstance(message, str) else ""
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode a request body as httpx 0.29 encodes `json=` (httpx/_content.py): UTF-8, compact, no NaN."""
+    return jsonlib.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 class ProviderHttp:
@@ -117,21 +123,27 @@ class ProviderHttp:
         provider: str,
         secret: str | None,
         headers: dict[str, str] | None = None,
-        json: Any = None,
+        json_body: bytes | None = None,
         timeout: float | httpx.Timeout | None = None,
         map_error: ErrorMapper | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Open a streaming request; the status is checked (and the body read for the error) before yielding.
 
+        `json_body` is a JSON document encoded with `encode_json`. It is taken encoded because the context
+        manager keeps its arguments while the stream is open, and the bytes are the ones the request
+        keeps anyway, where a dict would be a second copy of a prompt that can be large.
+
         The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.
         """
         with ProviderCallTimer(provider, "stream") as timer, _TransportErrors(provider):
+            if json_body is not None:
+                headers = {**(headers or {}), "Content-Type": "application/json"}
             response = await self.guard.open_stream(
                 self.client,
                 method,
                 url,
                 headers=headers,
-                json=json,
+                content=json_body,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
             try:

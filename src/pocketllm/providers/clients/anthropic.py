@@ -26,7 +26,7 @@ from pocketllm.providers.chat import (
     token_count,
 )
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
-from pocketllm.providers.http import ErrorMapper, ProviderHttp, scrub_secret
+from pocketllm.providers.http import ErrorMapper, ProviderHttp, encode_json, scrub_secret
 from pocketllm.providers.registry import ProviderSpec
 
 if TYPE_CHECKING:
@@ -149,20 +149,22 @@ async def _stream_text(
     http: ProviderHttp, target: ProviderTarget, request: ChatRequest, progress: StreamProgress
 ) -> AsyncGenerator[str, None]:
     """Yield the text of each `text_delta`, recording the stop reason, usage and model in `progress`."""
-    body = build_messages_body(target.spec, request, stream=True)
+    model = request.model
+    json_body = encode_json(build_messages_body(target.spec, request, stream=True))
+    # The stream can stay open for minutes and the prompt can be large, so this frame lets go of it. The
+    # request keeps the encoded body, which is then the only copy.
+    del request
     async with http.stream(
         "POST",
         messages_url(target),
         provider=target.provider,
         secret=target.api_key,
         headers=auth_headers(target.api_key),
-        json=body,
-        map_error=_context_length_mapper(target, request.model),
+        json_body=json_body,
+        map_error=_context_length_mapper(target, model),
     ) as response:
         if is_json_response(response):
-            result = parse_message(
-                await read_json_body(response, provider=target.provider), target=target, model=request.model
-            )
+            result = parse_message(await read_json_body(response, provider=target.provider), target=target, model=model)
             progress.finish_reason, progress.usage, progress.model = result.finish_reason, result.usage, result.model
             progress.finished = True
             yield result.content
@@ -176,7 +178,7 @@ async def _stream_text(
                     continue
                 event_type = payload.get("type", event.event)
                 if event_type == "error":
-                    raise _error_from_object(payload.get("error"), target=target, model=request.model)
+                    raise _error_from_object(payload.get("error"), target=target, model=model)
                 if event_type == "message_stop":
                     progress.finished = True
                     return

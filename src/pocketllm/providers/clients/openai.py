@@ -27,7 +27,7 @@ from pocketllm.providers.chat import (
     token_count,
 )
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed
-from pocketllm.providers.http import ErrorMapper, ProviderHttp, scrub_secret
+from pocketllm.providers.http import ErrorMapper, ProviderHttp, encode_json, scrub_secret
 from pocketllm.providers.registry import ProviderSpec
 
 if TYPE_CHECKING:
@@ -103,18 +103,23 @@ async def _stream_text(
     http: ProviderHttp, target: ProviderTarget, request: ChatRequest, progress: StreamProgress
 ) -> AsyncGenerator[str, None]:
     """Yield the text of each stream chunk, recording the finish reason, usage and model in `progress`."""
+    model = request.model
+    json_body = encode_json(build_chat_body(target.spec, request, stream=True))
+    # The stream can stay open for minutes and the prompt can be large, so this frame lets go of it. The
+    # request keeps the encoded body, which is then the only copy.
+    del request
     async with http.stream(
         "POST",
         chat_url(target),
         provider=target.provider,
         secret=target.api_key,
         headers=auth_headers(target.api_key),
-        json=build_chat_body(target.spec, request, stream=True),
-        map_error=_context_length_mapper(target, request.model),
+        json_body=json_body,
+        map_error=_context_length_mapper(target, model),
     ) as response:
         if is_json_response(response):
             body = await read_json_body(response, provider=target.provider)
-            result = parse_completion(body, target=target, model=request.model)
+            result = parse_completion(body, target=target, model=model)
             progress.finish_reason, progress.usage, progress.model = result.finish_reason, result.usage, result.model
             progress.finished = True
             yield result.content
@@ -126,7 +131,7 @@ async def _stream_text(
                     progress.finished = True
                     return
                 # Parsed in a function, so that this generator keeps no reference to the decoded chunk while it waits.
-                yield _read_event(event, progress, target=target, model=request.model)
+                yield _read_event(event, progress, target=target, model=model)
 
 
 def _read_event(event: SseEvent, progress: StreamProgress, *, target: ProviderTarget, model: str) -> str:
