@@ -103,10 +103,10 @@ async def create_chat(user: CurrentUser, session: DbSession, payload: ChatCreate
 @router.get(
     "/{chat_id}", response_model=ChatWithMessages, responses=error_responses(NotAuthenticated, service.ChatNotFound)
 )
-async def get_chat(chat_id: str, user: CurrentUser, session: DbSession) -> ChatWithMessages:
+async def get_chat(chat_id: str, user: CurrentUser, connection: DbReader) -> ChatWithMessages:
     """Return the chat and all its messages in order."""
-    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
-    messages = await service.list_messages(session, chat.id, up_to=chat.last_sequence)
+    chat = await service.read_chat(connection, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    messages = await service.list_messages(connection, chat.id, up_to=chat.last_sequence)
     return ChatWithMessages(
         chat=ChatSummary.from_row(chat, chat.last_sequence), messages=[Message.from_row(m) for m in messages]
     )
@@ -157,13 +157,14 @@ async def delete_chat(chat_id: str, user: CurrentUser, session: DbSession) -> Re
 async def list_messages(
     chat_id: str,
     user: CurrentUser,
-    session: DbSession,
+    connection: DbReader,
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[Message]:
     """List the chat's messages in order."""
-    chat = await service.get_chat(session, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
-    return [Message.from_row(m) for m in await service.list_messages(session, chat.id, limit=limit, offset=offset)]
+    chat = await service.read_chat(connection, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
+    messages = await service.list_messages(connection, chat.id, limit=limit, offset=offset)
+    return [Message.from_row(m) for m in messages]
 
 
 @router.post(

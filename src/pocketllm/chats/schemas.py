@@ -60,7 +60,8 @@ class Message(BaseModel):
     created_at: datetime
 
     @classmethod
-    def from_row(cls, message: StoredMessage) -> Message:
+    def from_row(cls, message: StoredMessage | Row[*tuple[Any, ...]]) -> Message:
+        """Build the message from a StoredMessage or from a row with its attribute names."""
         return cls(
             id=message.id,
             chat_id=message.chat_id,

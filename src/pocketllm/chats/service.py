@@ -13,7 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import derive_title
 from pocketllm.chats.schemas import ChatSummary, Message
-from pocketllm.db.types import utcnow
+from pocketllm.db.types import AnyRow, attribute_columns, utcnow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.service import ModelConfigNotFound
 from pocketllm.models import Chat, ModelConfig, ProviderConfig, StoredMessage
@@ -57,9 +57,22 @@ _LIST_CHATS = (
 )
 
 
+_READ_CHAT = select(
+    Chat.id, Chat.title, Chat.model_config_id, Chat.created_at, Chat.updated_at, Chat.last_sequence
+).where(Chat.id == bindparam("p_chat_id"), Chat.user_id == bindparam("p_user_id"))
+
+
 async def list_chats(session: Connectable, user_id: uuid.UUID, *, limit: int, offset: int) -> list[ChatSummary]:
     result = await session.execute(_LIST_CHATS, {"p_user_id": user_id, "p_limit": limit, "p_offset": offset})
     return [ChatSummary.from_row(row, row.last_sequence) for row in result]
+
+
+async def read_chat(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> AnyRow:
+    """Return the user's chat as a row with the columns of the chat list, or raise ChatNotFound."""
+    row = (await connection.execute(_READ_CHAT, {"p_user_id": user_id, "p_chat_id": chat_id})).first()
+    if row is None:
+        raise ChatNotFound()
+    return row
 
 
 async def get_chat(session: AsyncSession, user_id: uuid.UUID, chat_id: uuid.UUID, *, lock: bool = False) -> Chat:
@@ -244,28 +257,35 @@ async def append_message(
     )
 
 
+_MESSAGE_COLUMNS = attribute_columns(StoredMessage)
+
+
 async def list_messages(
-    session: AsyncSession,
+    connection: AsyncConnection,
     chat_id: uuid.UUID,
     *,
     limit: int | None = None,
     offset: int = 0,
     up_to: int | None = None,
-) -> list[StoredMessage]:
-    """List the chat's messages in order; with `up_to`, only those numbered up to that sequence.
+) -> Sequence[AnyRow]:
+    """List the chat's messages in order as rows, with the attribute names of StoredMessage; with `up_to`,
+    only those numbered up to that sequence.
 
     GET requests read without a snapshot, so a message can be stored between reading a chat and reading
     its messages. Passing the chat's `last_sequence` as `up_to` keeps the list in step with that chat row:
     a message is numbered and stored atomically, so every number up to it is already stored.
     """
     statement = (
-        select(StoredMessage).where(StoredMessage.chat_id == chat_id).order_by(StoredMessage.sequence).offset(offset)
+        select(*_MESSAGE_COLUMNS)
+        .where(StoredMessage.chat_id == chat_id)
+        .order_by(StoredMessage.sequence)
+        .offset(offset)
     )
     if up_to is not None:
         statement = statement.where(StoredMessage.sequence <= up_to)
     if limit is not None:
         statement = statement.limit(limit)
-    return list(await session.scalars(statement))
+    return (await connection.execute(statement)).all()
 
 
 # User messages whose reply failed are left out of a prompt: the user usually sends them again, and the
