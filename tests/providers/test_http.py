@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
 
-from pocketllm.providers.errors import ProviderRateLimited
+from pocketllm.providers.chat import read_json_body
+from pocketllm.providers.errors import ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.guard import OutboundGuard
-from pocketllm.providers.http import ProviderHttp, ProviderResponseTooLarge, retry_after_seconds, scrub_secret
+from pocketllm.providers.http import (
+    MAX_ERROR_BODY_BYTES,
+    MAX_RESPONSE_BYTES,
+    ProviderHttp,
+    ProviderResponseTooLarge,
+    retry_after_seconds,
+    scrub_secret,
+)
 from tests.conftest import loopback_only_resolver
 from tests.fakes.provider import VALID_API_KEY, FakeProvider
 
@@ -82,3 +93,85 @@ def test_secret_scrubbed_in_any_case() -> None:
 
     assert "SK-TEST-VALID" not in text
     assert "[redacted]" in text
+
+
+# Bodies of a provider that does not behave: a raw HTTP/1.1 server on 127.0.0.1
+
+
+@asynccontextmanager
+async def raw_provider(response_head: bytes, body_start: bytes) -> AsyncIterator[str]:
+    """Serve one response head and the start of its body to every request, then hold the connection open.
+
+    Yields the base URL. A client that reads the whole declared body waits until its read timeout.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response_head + body_start)
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def open_stream(provider_http: ProviderHttp, url: str) -> None:
+    async with provider_http.stream(
+        "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=b"{}", timeout=3.0
+    ):
+        pass
+
+
+async def test_stream_error_body_read_in_part(provider_http: ProviderHttp) -> None:
+    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 100000000\r\n\r\n"
+
+    async with raw_provider(head, b"x" * (MAX_ERROR_BODY_BYTES + 1024)) as url:
+        started = time.monotonic()
+        with pytest.raises(ProviderRequestFailed) as raised:
+            await open_stream(provider_http, url)
+
+    # Reading the whole declared body would have run into the read timeout instead.
+    assert raised.value.code == "provider_unavailable"
+    assert time.monotonic() - started < 2.5
+
+
+async def test_undecodable_body_is_provider_error(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
+    # A JSON body sent as gzip: the fake needs a delay to accept a rule that only adds a header.
+    fake_provider.fail_next("/models", headers={"content-encoding": "gzip"}, delay_seconds=0.01)
+
+    with pytest.raises(ProviderRequestFailed) as raised:
+        await list_models(provider_http, fake_provider)
+
+    assert raised.value.code == "provider_unavailable"
+    assert "could not be decoded" in raised.value.message
+
+
+async def test_full_pool_is_reported_as_such(fake_provider: FakeProvider) -> None:
+    fake_provider.fail_next("/models", delay_seconds=2.0)
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=httpx.Timeout(5.0, pool=0.2)) as client:
+        provider_http = ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver))
+        slow = asyncio.create_task(list_models(provider_http, fake_provider))
+        await asyncio.to_thread(fake_provider.wait_for_requests, "/models")
+        with pytest.raises(ProviderTimeout) as raised:
+            await list_models(provider_http, fake_provider)
+        await slow
+
+    assert "connections" in raised.value.message
+
+
+async def test_stream_json_answer_over_limit(provider_http: ProviderHttp) -> None:
+    declared = MAX_RESPONSE_BYTES + 1
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n".encode()
+
+    async with (
+        raw_provider(head, b'{"choices": [') as url,
+        provider_http.stream(
+            "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=b"{}", timeout=3.0
+        ) as response,
+    ):
+        with pytest.raises(ProviderResponseTooLarge):
+            await read_json_body(response, provider="custom")

@@ -252,7 +252,8 @@ async def download_image(http: ProviderHttp, url: str, *, provider: str, timeout
     except (TimeoutError, httpx.TimeoutException) as error:
         log.info("images.download_timed_out", provider=provider, error=type(error).__name__)
         raise ProviderTimeout(f"Downloading the image that {provider} generated timed out; try again later.") from error
-    except httpx.TransportError as error:
+    except httpx.RequestError as error:
+        # Also a body that cannot be decoded with its Content-Encoding (httpx.DecodingError).
         log.info("images.download_unreachable", provider=provider, error=type(error).__name__)
         raise ProviderRequestFailed(
             f"The connection for the image that {provider} generated failed; try again later."

@@ -21,11 +21,11 @@ import structlog
 from pocketllm.errors import PocketLLMError
 from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge
 from pocketllm.providers.errors import ContextLengthExceeded, ProviderRequestFailed, ProviderTimeout
+from pocketllm.providers.http import MAX_RESPONSE_BYTES, ProviderHttp, read_limited
 from pocketllm.providers.registry import Protocol, ProviderSpec
 
 if TYPE_CHECKING:
     from pocketllm.providers.catalogue import ProviderTarget
-    from pocketllm.providers.http import ProviderHttp
 
 log = structlog.get_logger(__name__)
 
@@ -229,9 +229,12 @@ def is_json_response(response: httpx.Response) -> bool:
 
 
 async def read_json_body(response: httpx.Response, *, provider: str) -> Any:
-    """Read and decode the JSON body of a response opened as a stream."""
+    """Read and decode the JSON body of a response opened as a stream, at most MAX_RESPONSE_BYTES of it.
+
+    A larger body raises ProviderResponseTooLarge, as for a request that did not ask for a stream.
+    """
     try:
-        raw = await response.aread()
+        raw = (await read_limited(response, provider=provider, max_bytes=MAX_RESPONSE_BYTES)).content
     except httpx.TimeoutException as error:
         raise ProviderTimeout(f"{provider} timed out while sending its response; try again later.") from error
     except httpx.RequestError as error:

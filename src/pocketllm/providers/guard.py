@@ -447,8 +447,8 @@ def _build_pinned_request(
     if _verifies_host_name(target):
         # httpcore 1.0.9 (httpcore/_async/connection.py, AsyncHTTPConnection._connect) passes this
         # extension as `server_hostname` to start_tls, falling back to the URL host only when it is
-        # missing. anyio 4.16 (TLSStream.wrap) hands it to SSLContext.wrap_bio(server_hostname=...), so
-        # it is both the SNI name and the name that check_hostname verifies the certificate against.
+        # missing. AsyncioStream.start_tls (providers/network.py) hands it to the event loop's start_tls,
+        # so it is both the SNI name and the name that check_hostname verifies the certificate against.
         extensions["sni_hostname"] = target.host.rstrip(".")
     if not reusable:
         # A client shared by several host names must not keep this connection: see HostClients.

@@ -33,6 +33,8 @@ ErrorMapper = Callable[[httpx.Response], PocketLLMError | None]
 MAX_PROVIDER_MESSAGE_LENGTH = 300
 # The default limit of a JSON response body. Model lists of the largest catalogues are a few MiB.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+# The part of an error response's body read for its message; providers send a few hundred bytes.
+MAX_ERROR_BODY_BYTES = 64 * 1024
 # Key-shaped words: long runs of letters, digits, dashes and underscores, with or without a known prefix.
 _KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|gsk|xai|key|api)[-_][A-Za-z0-9_\-*.]{6,}|\b[A-Za-z0-9_\-]{32,}\b")
 
@@ -105,7 +107,7 @@ class ProviderHttp:
                     json=json,
                     timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                 ) as streamed:
-                    response = await _read_limited(streamed, provider=provider, max_bytes=max_response_bytes)
+                    response = await read_limited(streamed, provider=provider, max_bytes=max_response_bytes)
 
             raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
             try:
@@ -149,16 +151,16 @@ class ProviderHttp:
             try:
                 timer.response_started()
                 if response.status_code >= 300:
-                    await response.aread()
-                    raise_for_provider_status(response, provider=provider, secret=secret, map_error=map_error)
+                    error_response = await _read_error_body(response, max_bytes=MAX_ERROR_BODY_BYTES)
+                    raise_for_provider_status(error_response, provider=provider, secret=secret, map_error=map_error)
                 yield response
             finally:
                 await response.aclose()
 
 
 class _TransportErrors:
-    """Context manager that turns httpx timeouts and connection failures inside its block into
-    ProviderTimeout and ProviderRequestFailed. A class rather than a @contextmanager generator, because
+    """Context manager that turns httpx timeouts, connection failures and undecodable bodies inside its block
+    into ProviderTimeout and ProviderRequestFailed. A class rather than a @contextmanager generator, because
     one stays alive per open stream."""
 
     __slots__ = ("_provider",)
@@ -173,11 +175,28 @@ class _TransportErrors:
         self, error_type: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         provider = self._provider
+        if isinstance(error, httpx.PoolTimeout):
+            # Every connection that PROVIDER_MAX_CONNECTIONS allows was busy for the whole timeout.
+            log.warning("provider.connections_exhausted", provider=provider)
+            raise ProviderTimeout(
+                f"The server's connections to {provider} were all in use for longer than the timeout; try again later."
+            ) from error
         if isinstance(error, httpx.TimeoutException):
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
             raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
-        if isinstance(error, httpx.TransportError):
-            log.info("provider.unreachable", provider=provider, error=type(error).__name__)
+        if isinstance(error, httpx.DecodingError):
+            log.info("provider.undecodable_response", provider=provider, detail=scrub_secret(str(error), None))
+            raise ProviderRequestFailed(
+                f"{provider} sent a response body that could not be decoded with its Content-Encoding."
+            ) from error
+        if isinstance(error, httpx.RequestError):
+            # The detail (for example a certificate that failed verification) is for the operator.
+            log.info(
+                "provider.unreachable",
+                provider=provider,
+                error=type(error).__name__,
+                detail=scrub_secret(str(error), None),
+            )
             raise ProviderRequestFailed(
                 f"The connection to {provider} failed or closed before the response was complete; "
                 "check its base URL and try again."
@@ -189,7 +208,7 @@ class ProviderResponseTooLarge(ProviderRequestFailed):
     default_message = "The provider's response is larger than the server accepts."
 
 
-async def _read_limited(response: httpx.Response, *, provider: str, max_bytes: int) -> httpx.Response:
+async def read_limited(response: httpx.Response, *, provider: str, max_bytes: int) -> httpx.Response:
     """Read a streamed response and return it with its body, raising ProviderResponseTooLarge past `max_bytes`.
 
     The limit applies to the decoded body, so a small compressed body cannot unpack into a large one.
@@ -204,13 +223,33 @@ async def _read_limited(response: httpx.Response, *, provider: str, max_bytes: i
         if total > max_bytes:
             raise _too_large(provider, max_bytes)
         chunks.append(chunk)
+    return _with_body(response, b"".join(chunks))
+
+
+def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """Return a copy of a streamed response with `body`, its decoded body or a part of it."""
     # The copy contains the decoded body, so the headers that describe the encoded body are left out.
     headers = [
         (name, value)
         for name, value in response.headers.multi_items()
         if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
     ]
-    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks), request=response.request)
+    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request)
+
+
+async def _read_error_body(response: httpx.Response, *, max_bytes: int) -> httpx.Response:
+    """Read at most `max_bytes` of an error response's body, and return a copy of the response with them.
+
+    Only the error message in the body is used, so a longer body is cut instead of read to its end.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= max_bytes:
+            break
+    return _with_body(response, b"".join(chunks)[:max_bytes])
 
 
 def _too_large(provider: str, max_bytes: int) -> ProviderResponseTooLarge:

@@ -231,7 +231,8 @@ class GoTrueClient:
             raise UpstreamError(
                 f"The auth server did not respond within {self._timeout_seconds:g} seconds. Try again later."
             ) from error
-        except httpx.TransportError as error:
+        except httpx.RequestError as error:
+            # Also a body that cannot be decoded with its Content-Encoding (httpx.DecodingError).
             log.warning("auth.gotrue.unreachable", operation=operation, error_type=type(error).__name__)
             raise UpstreamError("The auth server could not be reached. Try again later.") from error
 
