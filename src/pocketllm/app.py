@@ -132,7 +132,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = database
         app.state.auth_backend = build_auth_backend(settings, database)
         app.state.providers = build_provider_runtime(settings)
-        app.state.replies = ReplyGenerator(database, app.state.providers.http, app.state.providers.secrets)
+        app.state.replies = ReplyGenerator(
+            database,
+            app.state.providers.http,
+            app.state.providers.secrets,
+            max_characters=settings.reply_max_characters,
+        )
         # Safe in every process at once: senders claim each message for one of them only.
         app.state.mail_sender = MailSender(database, settings)
         mail_stop = asyncio.Event()

@@ -146,6 +146,8 @@ class Settings(BaseSettings):
 
     # A comment line is sent on a quiet reply stream this often, so proxies do not close it as idle.
     stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    # A reply is cut at this many characters, stored as incomplete, and its provider stream closed.
+    reply_max_characters: int = Field(default=1_000_000, ge=1000, le=100_000_000)
     # On shutdown, replies still being generated get this long to finish and be stored.
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=600)
     invite_code: bool = True

@@ -661,6 +661,47 @@ class TestStreaming:
             ("assistant", "ab", "complete"),
         ]
 
+    @pytest.mark.parametrize(
+        "settings_overrides", [{"allow_private_provider_urls": True, "reply_max_characters": 1000}]
+    )
+    async def test_long_stream_cut_at_limit(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.stream_chunks = ["x" * 600, "y" * 600, "z" * 600]
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"], stream=True)
+
+        events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+        streamed = "".join(data["content"] for name, data in events if name == "delta")
+        final = events[-1][1]
+        assert streamed == "x" * 600 + "y" * 400
+        assert events[-1][0] == "assistant_message"
+        assert final["content"] == streamed
+        assert final["status"] == "incomplete"
+        assert final["metadata"]["error"] == "provider_response_too_large"
+        stored = await messages_of(client, headers, chat["id"])
+        assert stored[1]["content"] == streamed
+
+    @pytest.mark.parametrize(
+        "settings_overrides", [{"allow_private_provider_urls": True, "reply_max_characters": 1000}]
+    )
+    async def test_long_reply_cut_at_limit(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        fake_provider.reply_text = "w" * 1500
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"])
+
+        assert response.status_code == 200, response.text
+        reply = response.json()
+        assert reply["content"] == "w" * 1000
+        assert reply["status"] == "incomplete"
+        assert reply["metadata"]["error"] == "provider_response_too_large"
+
     async def test_open_stream_drops_prompt(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
     ) -> None:

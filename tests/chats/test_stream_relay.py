@@ -20,13 +20,22 @@ async def collect(stream: ReplyStream, heartbeat_seconds: float = 5.0) -> list[l
 
 
 class TestReplyStream:
-    async def test_take_returns_items_in_order(self) -> None:
+    async def test_take_joins_waiting_deltas(self) -> None:
         stream = ReplyStream()
-        first, second = StreamItem(delta="a"), StreamItem(delta="b")
-        stream.put(first)
-        stream.put(second)
+        stream.put(StreamItem(delta="a"))
+        stream.put(StreamItem(delta="b"))
 
-        assert await stream.take(5.0) == [first, second]
+        assert await stream.take(5.0) == [StreamItem(delta="ab")]
+
+    async def test_take_returns_deltas_before_end(self) -> None:
+        stream = ReplyStream()
+        error = StreamItem(error=ProviderRequestFailed())
+        stream.put(StreamItem(delta="a"))
+        stream.put(StreamItem(delta="b"))
+        stream.put(error)
+        stream.put(None)
+
+        assert await stream.take(5.0) == [StreamItem(delta="ab"), error, None]
 
     async def test_take_returns_each_item_once(self) -> None:
         stream = ReplyStream()
@@ -61,14 +70,13 @@ class TestReplyStream:
 
 
 class TestStreamItems:
-    async def test_burst_comes_as_one_batch(self) -> None:
+    async def test_burst_comes_as_one_delta(self) -> None:
         stream = ReplyStream()
-        items = [StreamItem(delta=str(index)) for index in range(5)]
-        for item in items:
-            stream.put(item)
+        for index in range(5):
+            stream.put(StreamItem(delta=str(index)))
         stream.put(None)
 
-        assert await collect(stream) == [items]
+        assert await collect(stream) == [[StreamItem(delta="01234")]]
 
     async def test_end_marker_alone_ends(self) -> None:
         stream = ReplyStream()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -38,7 +40,7 @@ from pocketllm.providers.chat import (
 )
 from pocketllm.providers.errors import ProviderRequestFailed
 from pocketllm.providers.guard import ProviderUnreachable
-from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.http import ProviderHttp, ProviderResponseTooLarge
 from pocketllm.providers.registry import PROVIDERS
 
 log = structlog.get_logger(__name__)
@@ -107,25 +109,37 @@ class ReplyStream:
 
     A list and a future that exists only while the reader waits cost less memory than an asyncio.Queue
     (four deques), which matters with thousands of open streams. One task puts, and one task reads.
+
+    Deltas that wait for the reader are joined into one, because their text goes into one buffer instead
+    of an item per piece. A client that reads slowly, or not at all, then costs about the reply's text
+    and not a few hundred bytes per piece. The reply task puts deltas only before the stored message or
+    error.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_text", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[StreamItem | None] = []
+        self._text: io.StringIO | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def put(self, item: StreamItem | None) -> None:
-        self._items.append(item)
+        if item is not None and item.delta is not None:
+            if self._text is None:
+                self._text = io.StringIO()
+            self._text.write(item.delta)
+        else:
+            self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     async def take(self, timeout: float) -> list[StreamItem | None]:
-        """Return every item put since the last call, waiting at most `timeout` seconds for the first.
+        """Return what was put since the last call, waiting at most `timeout` seconds for the first item.
 
-        Returns an empty list when the time runs out.
+        The deltas come first, joined into one item, then the other items in order. Returns an empty list
+        when the time runs out.
         """
-        if not self._items:
+        if not self._items and self._text is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             # A timer that wakes the waiter costs less than asyncio.timeout(), which cancels the task.
@@ -135,7 +149,12 @@ class ReplyStream:
             finally:
                 timer.cancel()
                 self._waiter = None
-        items, self._items = self._items, []
+        items: list[StreamItem | None] = []
+        if self._text is not None:
+            items.append(StreamItem(delta=self._text.getvalue()))
+            self._text = None
+        items.extend(self._items)
+        self._items = []
         return items
 
 
@@ -145,9 +164,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class ReplyGenerator:
-    def __init__(self, database: Database, http: ProviderHttp, secrets: SecretBox) -> None:
+    def __init__(
+        self, database: Database, http: ProviderHttp, secrets: SecretBox, *, max_characters: int = 1_000_000
+    ) -> None:
         self._database = database
         self._http = http
+        self._max_characters = max_characters
         self._secrets = secrets
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -256,7 +278,12 @@ class ReplyGenerator:
         record = prepared.record
         try:
             result = await complete_chat(self._http, prepared.target, prepared.request)
-            return await self._store_reply(record, result, latency_ms=_elapsed_ms(started))
+            error_code = None
+            if len(result.content) > self._max_characters:
+                cut = result.content[: self._max_characters]
+                result = dataclasses.replace(result, content=cut, incomplete=True)
+                error_code = self._reply_too_long(record).code
+            return await self._store_reply(record, result, latency_ms=_elapsed_ms(started), error_code=error_code)
         except asyncio.CancelledError:
             await self._fail(record, ReplyInterrupted())
             raise
@@ -267,22 +294,39 @@ class ReplyGenerator:
         self, record: ReplyRecord, provider_stream: AsyncGenerator[ContentDelta | StreamEnd, None], stream: ReplyStream
     ) -> None:
         started = time.perf_counter()
-        text: list[str] = []
+        # One buffer rather than a list of pieces: a provider may send a great many tiny ones.
+        text = io.StringIO()
+        length = 0
         try:
             end: StreamEnd | None = None
             # aclosing(): the provider connection is closed even when this loop stops early.
             async with contextlib.aclosing(provider_stream) as items:
                 async for item in items:
-                    if isinstance(item, ContentDelta):
-                        text.append(item.text)
-                        stream.put(StreamItem(delta=item.text))
-                    else:
+                    if not isinstance(item, ContentDelta):
                         end = item
+                        continue
+                    piece = item.text
+                    room = self._max_characters - length
+                    if len(piece) > room:
+                        piece = piece[:room]
+                        end = StreamEnd(
+                            finish_reason=None,
+                            usage=None,
+                            model=None,
+                            incomplete=True,
+                            error=self._reply_too_long(record),
+                        )
+                    if piece:
+                        text.write(piece)
+                        length += len(piece)
+                        stream.put(StreamItem(delta=piece))
+                    if end is not None:
+                        break
             if end is None:
                 # The client yields exactly one StreamEnd; without it the reply cannot be trusted as whole.
                 end = StreamEnd(finish_reason=None, usage=None, model=None, incomplete=True)
             result = ChatResult(
-                content="".join(text),
+                content=text.getvalue(),
                 finish_reason=end.finish_reason,
                 usage=end.usage,
                 model=end.model,
@@ -302,6 +346,13 @@ class ReplyGenerator:
             stream.put(StreamItem(error=await self._fail(record, error)))
         finally:
             stream.put(None)
+
+    def _reply_too_long(self, record: ReplyRecord) -> ProviderResponseTooLarge:
+        log.info("chat.reply.too_long", chat_id=str(record.chat_id), provider=record.provider)
+        return ProviderResponseTooLarge(
+            f"{record.provider} sent a reply longer than {self._max_characters:,} characters; "
+            "it was cut there and stored as incomplete."
+        )
 
     async def _store_reply(
         self, record: ReplyRecord, result: ChatResult, *, latency_ms: int, error_code: str | None = None
