@@ -1,0 +1,122 @@
+"""Measure the CPU time of reading one chat, in process: `GET /v1/chats/{id}` and `GET /v1/chats/{id}/messages`.
+
+The app from `create_app(settings)` runs in this process behind httpx's ASGI transport, on uvloop, with
+a new SQLite file or a new PostgreSQL database (dropped at the end). One account has one chat with
+`--messages` messages. Each route gets 200 warm-up requests, then `--requests` timed ones. The figure is
+this process's CPU time (user plus system, from getrusage) per request, which includes the test client's
+share, so it compares versions of the server rather than giving the server's cost alone. Compare two
+versions by running this script on a copy of each, alternately.
+
+    python -m benchmarks.chat_reads [--databases sqlite,postgresql] [--messages 20] [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.fernet import Fernet
+
+from benchmarks.common import machine_description, print_json_line, print_table, run_async, scratch_directory
+from benchmarks.launch import DatabaseKind, database_url_for, parse_databases
+
+WARMUP_REQUESTS = 200
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(database: DatabaseKind, arguments: argparse.Namespace) -> dict[str, float]:
+    with scratch_directory("bench-chat-reads-") as scratch:
+        async with database_url_for(database, scratch, "bench_chat_reads") as database_url:
+            return await measure_app(database_url, scratch, arguments)
+
+
+async def measure_app(database_url: str, data_dir: Path, arguments: argparse.Namespace) -> dict[str, float]:
+    # The settings are read from the environment, as `pocketllm serve` reads them.
+    os.environ.update(
+        DATABASE_URL=database_url,
+        DATA_DIR=str(data_dir),
+        JWT_SECRET="bench-jwt-secret-" + uuid.uuid4().hex,
+        ENCRYPTION_KEY=Fernet.generate_key().decode(),
+        RATE_LIMIT_ENABLED="false",
+        INVITE_CODE="false",
+        LOG_LEVEL="WARNING",
+        RUN_WORKER="false",
+    )
+    from pocketllm.app import create_app
+    from pocketllm.config import load_settings
+
+    app = create_app(load_settings())
+    figures: dict[str, float] = {}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            headers = await set_up_chat(client, arguments.messages)
+            chat_id = (await client.get("/v1/chats", headers=headers)).json()[0]["id"]
+            for name, path in (("chat", f"/v1/chats/{chat_id}"), ("messages", f"/v1/chats/{chat_id}/messages")):
+                figures[name] = await cpu_ms_per_request(client, path, headers, arguments.requests)
+    return figures
+
+
+async def set_up_chat(client: httpx.AsyncClient, messages: int) -> dict[str, str]:
+    """Sign up, create a chat with `messages` system messages (no provider needed), and return auth headers."""
+    signup = await client.post("/v1/auth/signup", json={"email": "reads@example.com", "password": "bench password 1"})
+    signup.raise_for_status()
+    headers = {"Authorization": f"Bearer {signup.json()['tokens']['access_token']}"}
+    chat = await client.post("/v1/chats", headers=headers, json={})
+    chat.raise_for_status()
+    for index in range(messages):
+        stored = await client.post(
+            f"/v1/chats/{chat.json()['id']}/messages",
+            headers=headers,
+            json={"role": "system", "content": f"note {index} " * 10},
+        )
+        stored.raise_for_status()
+    return headers
+
+
+async def cpu_ms_per_request(client: httpx.AsyncClient, path: str, headers: dict[str, str], requests: int) -> float:
+    for _ in range(WARMUP_REQUESTS):
+        (await client.get(path, headers=headers)).raise_for_status()
+    started = process_cpu_seconds()
+    for _ in range(requests):
+        response = await client.get(path, headers=headers)
+    response.raise_for_status()
+    return (process_cpu_seconds() - started) / requests * 1000
+
+
+async def main_async(arguments: argparse.Namespace) -> None:
+    print(machine_description())
+    results: dict[str, Any] = {}
+    for database in parse_databases(arguments.databases):
+        results[database] = await measure(database, arguments)
+    rows = [[database, figures["chat"], figures["messages"]] for database, figures in results.items()]
+    print_table(
+        f"In-process CPU per request (ms), chat of {arguments.messages} messages",
+        ["database", "GET /v1/chats/{id}", "GET /v1/chats/{id}/messages"],
+        rows,
+        digits=3,
+    )
+    print_json_line("chat_reads", {"machine": machine_description(), "settings": vars(arguments), "results": results})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--databases", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql (default: %(default)s)"
+    )
+    parser.add_argument("--messages", type=int, default=20, help="messages in the chat (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=2000, help="timed requests per route (default: %(default)s)")
+    run_async(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
