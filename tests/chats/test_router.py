@@ -701,6 +701,24 @@ class TestStreaming:
         assert reply["content"] == "w" * 1000
         assert reply["status"] == "incomplete"
         assert reply["metadata"]["error"] == "provider_response_too_large"
+        assert reply["metadata"]["finish_reason"] is None
+
+    async def test_deltas_cleaned_like_stored_reply(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        # Halves of one surrogate pair in two chunks, a lone surrogate and a NUL: none can be stored as is.
+        fake_provider.stream_chunks = ["A\ud83d", "\ude00B", "C\udc00", "D\x00E"]
+        chat = await new_chat(client, headers)
+
+        response = await send(client, headers, chat["id"], stream=True)
+
+        events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+        streamed = "".join(data["content"] for name, data in events if name == "delta")
+        stored = await messages_of(client, headers, chat["id"])
+        assert streamed == "A??BC?DE"
+        assert events[-1][1]["content"] == streamed
+        assert stored[1]["content"] == streamed
 
     async def test_open_stream_drops_prompt(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, app: FastAPI
@@ -733,6 +751,19 @@ class TestStreaming:
         assert marker in json.dumps(sent.body)
         assert prompts == []
         assert prompt_messages == []
+
+
+async def test_provider_asked_for_uncompressed_body(
+    client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+) -> None:
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+
+    assert (await send(client, headers, chat["id"])).status_code == 200
+    assert (await send(client, headers, chat["id"], stream=True)).status_code == 200
+
+    requests = fake_provider.requests_to("/chat/completions")
+    assert [request.headers["accept-encoding"] for request in requests] == ["identity", "identity"]
 
 
 async def test_chat_count_matches_messages(client: httpx.AsyncClient, headers: dict[str, str]) -> None:

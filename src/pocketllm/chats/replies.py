@@ -280,8 +280,9 @@ class ReplyGenerator:
             result = await complete_chat(self._http, prepared.target, prepared.request)
             error_code = None
             if len(result.content) > self._max_characters:
+                # No finish reason, as for a cut stream: the stored reply did not end where the provider's did.
                 cut = result.content[: self._max_characters]
-                result = dataclasses.replace(result, content=cut, incomplete=True)
+                result = dataclasses.replace(result, content=cut, incomplete=True, finish_reason=None)
                 error_code = self._reply_too_long(record).code
             return await self._store_reply(record, result, latency_ms=_elapsed_ms(started), error_code=error_code)
         except asyncio.CancelledError:
@@ -305,7 +306,8 @@ class ReplyGenerator:
                     if not isinstance(item, ContentDelta):
                         end = item
                         continue
-                    piece = item.text
+                    # Cleaned as the stored reply will be, so that the deltas add up to the stored content.
+                    piece = storable_text(item.text)
                     room = self._max_characters - length
                     if len(piece) > room:
                         piece = piece[:room]
