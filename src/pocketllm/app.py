@@ -86,6 +86,9 @@ def build_provider_runtime(settings: Settings) -> ProviderRuntime:
                 settings.provider_read_timeout_seconds, connect=settings.provider_connect_timeout_seconds
             ),
             follow_redirects=False,
+            # Uncompressed bodies, so that every size limit counts the bytes that arrive. httpx still
+            # decodes a provider that compresses anyway (see `read_limited`).
+            headers={"Accept-Encoding": "identity"},
             # Proxy variables from the environment would bypass the guard's address pinning, and .netrc
             # credentials must never be attached to provider requests.
             trust_env=False,

@@ -125,10 +125,22 @@ async def open_stream(provider_http: ProviderHttp, url: str) -> None:
         pass
 
 
-async def test_stream_error_body_read_in_part(provider_http: ProviderHttp) -> None:
-    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 100000000\r\n\r\n"
+ERROR_HEAD = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+LONG_CHUNK = b"x" * (MAX_ERROR_BODY_BYTES + 1024)
 
-    async with raw_provider(head, b"x" * (MAX_ERROR_BODY_BYTES + 1024)) as url:
+
+@pytest.mark.parametrize(
+    ("head", "body_start"),
+    [
+        # Chunked, with more than the limit sent: the read stops at the limit.
+        (ERROR_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", f"{len(LONG_CHUNK):x}\r\n".encode() + LONG_CHUNK),
+        # Declared far longer than the limit, with little sent: the body is not read.
+        (ERROR_HEAD + b"Content-Length: 100000000\r\n\r\n", b'{"error": {"message": "overloaded"}}'),
+    ],
+    ids=["chunked", "declared"],
+)
+async def test_stream_error_body_read_in_part(provider_http: ProviderHttp, head: bytes, body_start: bytes) -> None:
+    async with raw_provider(head, body_start) as url:
         started = time.monotonic()
         with pytest.raises(ProviderRequestFailed) as raised:
             await open_stream(provider_http, url)

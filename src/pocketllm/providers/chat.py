@@ -210,6 +210,8 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
         raise ProviderTimeout(
             f"{provider} stopped sending the reply for longer than the read timeout; try again later."
         ) from error
+    except httpx.DecodingError as error:
+        raise _undecodable(provider) from error
     except httpx.RequestError as error:
         raise ProviderRequestFailed(
             f"The connection to {provider} broke while the reply was streaming ({type(error).__name__}); try again."
@@ -220,6 +222,13 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
     if not decoder.ended_cleanly:
         # The standard discards the event that the stream ended inside of, and so does this reader.
         log.info("provider.stream_ended_inside_event", provider=provider)
+
+
+def _undecodable(provider: str) -> ProviderRequestFailed:
+    log.info("provider.undecodable_response", provider=provider)
+    return ProviderRequestFailed(
+        f"{provider} sent a response body that could not be decoded with its Content-Encoding."
+    )
 
 
 def is_json_response(response: httpx.Response) -> bool:
@@ -237,6 +246,8 @@ async def read_json_body(response: httpx.Response, *, provider: str) -> Any:
         raw = (await read_limited(response, provider=provider, max_bytes=MAX_RESPONSE_BYTES)).content
     except httpx.TimeoutException as error:
         raise ProviderTimeout(f"{provider} timed out while sending its response; try again later.") from error
+    except httpx.DecodingError as error:
+        raise _undecodable(provider) from error
     except httpx.RequestError as error:
         raise ProviderRequestFailed(f"The connection to {provider} broke while its response was read.") from error
     return parse_json(raw, provider=provider, description="a response")

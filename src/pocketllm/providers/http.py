@@ -212,6 +212,10 @@ async def read_limited(response: httpx.Response, *, provider: str, max_bytes: in
     """Read a streamed response and return it with its body, raising ProviderResponseTooLarge past `max_bytes`.
 
     The limit applies to the decoded body, so a small compressed body cannot unpack into a large one.
+
+    NOTE: httpx decodes one network read at a time before this count sees it, so a provider that compresses
+    although the clients ask for `identity` can still make one read inflate to about a thousand times its
+    size (a 64 KiB read of gzip-compressed zeros to about 64 MiB) before the limit applies.
     """
     declared = response.headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > max_bytes:
@@ -240,8 +244,13 @@ def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
 async def _read_error_body(response: httpx.Response, *, max_bytes: int) -> httpx.Response:
     """Read at most `max_bytes` of an error response's body, and return a copy of the response with them.
 
-    Only the error message in the body is used, so a longer body is cut instead of read to its end.
+    Only the error message in the body is used, so a longer body is cut instead of read to its end. A body
+    declared longer than that is not read at all, so that a provider that declares more than it sends
+    cannot hold the request until the read timeout.
     """
+    declared = response.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > max_bytes:
+        return _with_body(response, b"")
     chunks: list[bytes] = []
     total = 0
     async for chunk in response.aiter_bytes():
