@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.fernet import Fernet
 
 from benchmarks.common import machine_description, print_json_line, print_table, run_async, scratch_directory
-from benchmarks.launch import DatabaseKind, database_url_for, parse_databases
+from benchmarks.launch import DatabaseKind, database_url_for, parse_databases, server_environment
 
 WARMUP_REQUESTS = 200
 
@@ -41,16 +39,7 @@ async def measure(database: DatabaseKind, arguments: argparse.Namespace) -> dict
 
 async def measure_app(database_url: str, data_dir: Path, arguments: argparse.Namespace) -> dict[str, float]:
     # The settings are read from the environment, as `pocketllm serve` reads them.
-    os.environ.update(
-        DATABASE_URL=database_url,
-        DATA_DIR=str(data_dir),
-        JWT_SECRET="bench-jwt-secret-" + uuid.uuid4().hex,
-        ENCRYPTION_KEY=Fernet.generate_key().decode(),
-        RATE_LIMIT_ENABLED="false",
-        INVITE_CODE="false",
-        LOG_LEVEL="WARNING",
-        RUN_WORKER="false",
-    )
+    os.environ.update(server_environment(data_dir, database_url))
     from pocketllm.app import create_app
     from pocketllm.config import load_settings
 
