@@ -18,6 +18,7 @@ from pocketllm.providers.guard import OutboundGuard
 from pocketllm.providers.http import (
     MAX_ERROR_BODY_BYTES,
     MAX_RESPONSE_BYTES,
+    JsonBody,
     ProviderHttp,
     ProviderResponseTooLarge,
     retry_after_seconds,
@@ -120,7 +121,7 @@ async def raw_provider(response_head: bytes, body_start: bytes) -> AsyncIterator
 
 async def open_stream(provider_http: ProviderHttp, url: str) -> None:
     async with provider_http.stream(
-        "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=b"{}", timeout=3.0
+        "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=JsonBody({}), timeout=3.0
     ):
         pass
 
@@ -182,8 +183,31 @@ async def test_stream_json_answer_over_limit(provider_http: ProviderHttp) -> Non
     async with (
         raw_provider(head, b'{"choices": [') as url,
         provider_http.stream(
-            "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=b"{}", timeout=3.0
+            "POST", f"{url}/chat/completions", provider="custom", secret=None, json_body=JsonBody({}), timeout=3.0
         ) as response,
     ):
         with pytest.raises(ProviderResponseTooLarge):
             await read_json_body(response, provider="custom")
+
+
+async def test_stream_body_sent_then_released(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
+    prompt = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "é" * 1000}], "stream": True}
+    body = JsonBody(prompt)
+
+    async with provider_http.stream(
+        "POST",
+        f"{fake_provider.openai_base_url}/chat/completions",
+        provider="openai",
+        secret=VALID_API_KEY,
+        headers={"Authorization": f"Bearer {VALID_API_KEY}"},
+        json_body=body,
+    ) as response:
+        released_while_open = body.sent
+        await response.aread()
+
+    received = fake_provider.last_request("/chat/completions")
+    assert response.status_code == 200
+    assert received.body == prompt
+    assert received.headers["content-length"] == str(body.length)
+    assert "transfer-encoding" not in received.headers
+    assert released_while_open

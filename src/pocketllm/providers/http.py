@@ -69,6 +69,29 @@ def encode_json(value: Any) -> bytes:
     return jsonlib.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+class JsonBody(httpx.AsyncByteStream):
+    """A JSON request body, encoded with `encode_json`, that lets go of its bytes once they are sent.
+
+    httpx keeps a request's body for as long as its response is open. For a reply stream that is the
+    prompt, which can be large, for minutes. This body is sent once (a provider request is never sent
+    again: no retries and no redirects) and then is empty.
+    """
+
+    __slots__ = ("_data", "length")
+
+    def __init__(self, value: Any) -> None:
+        self._data = encode_json(value)
+        self.length = len(self._data)
+
+    @property
+    def sent(self) -> bool:
+        return not self._data and self.length > 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        data, self._data = self._data, b""
+        yield data
+
+
 class ProviderHttp:
     """Sends provider requests through the guard on the process-wide HTTP client."""
 
@@ -125,21 +148,26 @@ class ProviderHttp:
         provider: str,
         secret: str | None,
         headers: dict[str, str] | None = None,
-        json_body: bytes | None = None,
+        json_body: JsonBody | None = None,
         timeout: float | httpx.Timeout | None = None,
         map_error: ErrorMapper | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Open a streaming request; the status is checked (and the body read for the error) before yielding.
 
-        `json_body` is a JSON document encoded with `encode_json`. It is taken encoded because the context
-        manager keeps its arguments while the stream is open, and the bytes are the ones the request
-        keeps anyway, where a dict would be a second copy of a prompt that can be large.
+        `json_body` is taken encoded, as a JsonBody, because the context manager keeps its arguments while
+        the stream is open: a dict would keep the prompt, which can be large, and JsonBody lets go of it
+        once it is sent.
 
         The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.
         """
         with ProviderCallTimer(provider, "stream") as timer, _TransportErrors(provider):
             if json_body is not None:
-                headers = {**(headers or {}), "Content-Type": "application/json"}
+                # With Content-Length set, httpx sends the body as it is instead of chunked.
+                headers = {
+                    **(headers or {}),
+                    "Content-Type": "application/json",
+                    "Content-Length": str(json_body.length),
+                }
             response = await self.guard.open_stream(
                 self.client,
                 method,
@@ -213,7 +241,7 @@ async def read_limited(response: httpx.Response, *, provider: str, max_bytes: in
 
     The limit applies to the decoded body, so a small compressed body cannot unpack into a large one.
 
-    NOTE: httpx decodes one network read at a time before this count sees it, so a provider that compresses
+    NOTE: httpx decodes each network read before its bytes are counted here, so a provider that compresses
     although the clients ask for `identity` can still make one read inflate to about a thousand times its
     size (a 64 KiB read of gzip-compressed zeros to about 64 MiB) before the limit applies.
     """

@@ -26,7 +26,7 @@ from pocketllm.providers.chat import (
     token_count,
 )
 from pocketllm.providers.errors import ProviderAuthFailed, ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
-from pocketllm.providers.http import ErrorMapper, ProviderHttp, encode_json, scrub_secret
+from pocketllm.providers.http import ErrorMapper, JsonBody, ProviderHttp, scrub_secret
 from pocketllm.providers.registry import ProviderSpec
 
 if TYPE_CHECKING:
@@ -150,9 +150,9 @@ async def _stream_text(
 ) -> AsyncGenerator[str, None]:
     """Yield the text of each `text_delta`, recording the stop reason, usage and model in `progress`."""
     model = request.model
-    json_body = encode_json(build_messages_body(target.spec, request, stream=True))
+    json_body = JsonBody(build_messages_body(target.spec, request, stream=True))
     # The stream can stay open for minutes and the prompt can be large, so this frame lets go of it. The
-    # request keeps the encoded body, which is then the only copy.
+    # encoded body is the only copy left, and it goes once it is sent.
     del request
     async with http.stream(
         "POST",
