@@ -532,6 +532,17 @@ async def test_missing_image_file_is_invalid_response(fake: FakeProvider, http: 
     assert "HTTP 404" in raised.value.message
 
 
+async def test_undecodable_image_download_is_provider_error(fake: FakeProvider, http: ProviderHttp) -> None:
+    fake.image_response_override = {"data": [{"url": f"{fake.url}/files/big-4096.png"}]}
+    # A plain body sent as gzip: the fake needs a delay to accept a rule that only adds a header.
+    fake.fail_next("/files/big-4096.png", headers={"content-encoding": "gzip"}, delay_seconds=0.01)
+
+    with pytest.raises(ProviderRequestFailed) as raised:
+        await generate(http, openai_target(fake), ImageRequest(PROMPT, "dall-e-2"))
+
+    assert raised.value.code == "provider_unavailable"
+
+
 async def test_redirected_image_url_is_not_followed(fake: FakeProvider, http: ProviderHttp) -> None:
     fake.image_response_override = {"data": [{"url": f"{fake.url}/files/elsewhere.png"}]}
     fake.fail_next("/files/elsewhere.png", redirect_to="http://169.254.169.254/latest/meta-data/")
