@@ -21,7 +21,7 @@ import structlog
 from pocketllm.errors import PocketLLMError
 from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge
 from pocketllm.providers.errors import ContextLengthExceeded, ProviderRequestFailed, ProviderTimeout
-from pocketllm.providers.http import MAX_RESPONSE_BYTES, ProviderHttp, read_limited
+from pocketllm.providers.http import MAX_RESPONSE_BYTES, ProviderHttp, read_limited, undecodable_body
 from pocketllm.providers.registry import Protocol, ProviderSpec
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
             f"{provider} stopped sending the reply for longer than the read timeout; try again later."
         ) from error
     except httpx.DecodingError as error:
-        raise _undecodable(provider) from error
+        raise undecodable_body(provider, error) from error
     except httpx.RequestError as error:
         raise ProviderRequestFailed(
             f"The connection to {provider} broke while the reply was streaming ({type(error).__name__}); try again."
@@ -222,13 +222,6 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
     if not decoder.ended_cleanly:
         # The standard discards the event that the stream ended inside of, and so does this reader.
         log.info("provider.stream_ended_inside_event", provider=provider)
-
-
-def _undecodable(provider: str) -> ProviderRequestFailed:
-    log.info("provider.undecodable_response", provider=provider)
-    return ProviderRequestFailed(
-        f"{provider} sent a response body that could not be decoded with its Content-Encoding."
-    )
 
 
 def is_json_response(response: httpx.Response) -> bool:
@@ -247,7 +240,7 @@ async def read_json_body(response: httpx.Response, *, provider: str) -> Any:
     except httpx.TimeoutException as error:
         raise ProviderTimeout(f"{provider} timed out while sending its response; try again later.") from error
     except httpx.DecodingError as error:
-        raise _undecodable(provider) from error
+        raise undecodable_body(provider, error) from error
     except httpx.RequestError as error:
         raise ProviderRequestFailed(f"The connection to {provider} broke while its response was read.") from error
     return parse_json(raw, provider=provider, description="a response")

@@ -213,10 +213,7 @@ class _TransportErrors:
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
             raise ProviderTimeout(f"{provider} did not respond in time; try again later.") from error
         if isinstance(error, httpx.DecodingError):
-            log.info("provider.undecodable_response", provider=provider, detail=scrub_secret(str(error), None))
-            raise ProviderRequestFailed(
-                f"{provider} sent a response body that could not be decoded with its Content-Encoding."
-            ) from error
+            raise undecodable_body(provider, error) from error
         if isinstance(error, httpx.RequestError):
             # The detail (for example a certificate that failed verification) is for the operator.
             log.info(
@@ -229,6 +226,14 @@ class _TransportErrors:
                 f"The connection to {provider} failed or closed before the response was complete; "
                 "check its base URL and try again."
             ) from error
+
+
+def undecodable_body(provider: str, error: httpx.DecodingError) -> ProviderRequestFailed:
+    """Log a body that failed its Content-Encoding and return the error to raise for it."""
+    log.info("provider.undecodable_response", provider=provider, detail=scrub_secret(str(error), None))
+    return ProviderRequestFailed(
+        f"{provider} sent a response body that could not be decoded with its Content-Encoding."
+    )
 
 
 class ProviderResponseTooLarge(ProviderRequestFailed):
@@ -245,8 +250,7 @@ async def read_limited(response: httpx.Response, *, provider: str, max_bytes: in
     although the clients ask for `identity` can still make one read inflate to about a thousand times its
     size (a 64 KiB read of gzip-compressed zeros to about 64 MiB) before the limit applies.
     """
-    declared = response.headers.get("content-length", "")
-    if declared.strip().isdigit() and int(declared) > max_bytes:
+    if _declares_more_than(response, max_bytes):
         raise _too_large(provider, max_bytes)
     chunks: list[bytes] = []
     total = 0
@@ -256,6 +260,12 @@ async def read_limited(response: httpx.Response, *, provider: str, max_bytes: in
             raise _too_large(provider, max_bytes)
         chunks.append(chunk)
     return _with_body(response, b"".join(chunks))
+
+
+def _declares_more_than(response: httpx.Response, max_bytes: int) -> bool:
+    """Tell whether the response's Content-Length header declares a body larger than `max_bytes`."""
+    declared = response.headers.get("content-length", "")
+    return declared.strip().isdigit() and int(declared) > max_bytes
 
 
 def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
@@ -276,8 +286,7 @@ async def _read_error_body(response: httpx.Response, *, max_bytes: int) -> httpx
     declared longer than that is not read at all, so that a provider that declares more than it sends
     cannot hold the request until the read timeout.
     """
-    declared = response.headers.get("content-length", "")
-    if declared.strip().isdigit() and int(declared) > max_bytes:
+    if _declares_more_than(response, max_bytes):
         return _with_body(response, b"")
     chunks: list[bytes] = []
     total = 0
