@@ -164,9 +164,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class ReplyGenerator:
-    def __init__(
-        self, database: Database, http: ProviderHttp, secrets: SecretBox, *, max_characters: int = 1_000_000
-    ) -> None:
+    def __init__(self, database: Database, http: ProviderHttp, secrets: SecretBox, *, max_characters: int) -> None:
         self._database = database
         self._http = http
         self._max_characters = max_characters
