@@ -707,7 +707,7 @@ class TestStreaming:
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         await setup_openai_model(client, headers, fake_provider)
-        # Halves of one surrogate pair in two chunks, a lone surrogate and a NUL: none can be stored as is.
+        # Halves of one surrogate pair in two chunks, a lone surrogate and a NUL, none of which can be stored.
         fake_provider.stream_chunks = ["A\ud83d", "\ude00B", "C\udc00", "D\x00E"]
         chat = await new_chat(client, headers)
 

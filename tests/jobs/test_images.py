@@ -534,7 +534,7 @@ async def test_missing_image_file_is_invalid_response(fake: FakeProvider, http: 
 
 async def test_undecodable_image_download_is_provider_error(fake: FakeProvider, http: ProviderHttp) -> None:
     fake.image_response_override = {"data": [{"url": f"{fake.url}/files/big-4096.png"}]}
-    # A plain body sent as gzip: the fake needs a delay to accept a rule that only adds a header.
+    # A plain body sent as gzip. The fake takes a rule that only adds a header when it also has a delay.
     fake.fail_next("/files/big-4096.png", headers={"content-encoding": "gzip"}, delay_seconds=0.01)
 
     with pytest.raises(ProviderRequestFailed) as raised:

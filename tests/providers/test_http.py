@@ -152,7 +152,7 @@ async def test_stream_error_body_read_in_part(provider_http: ProviderHttp, head:
 
 
 async def test_undecodable_body_is_provider_error(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
-    # A JSON body sent as gzip: the fake needs a delay to accept a rule that only adds a header.
+    # A JSON body sent as gzip. The fake takes a rule that only adds a header when it also has a delay.
     fake_provider.fail_next("/models", headers={"content-encoding": "gzip"}, delay_seconds=0.01)
 
     with pytest.raises(ProviderRequestFailed) as raised:
@@ -162,7 +162,7 @@ async def test_undecodable_body_is_provider_error(provider_http: ProviderHttp, f
     assert "could not be decoded" in raised.value.message
 
 
-async def test_full_pool_is_reported_as_such(fake_provider: FakeProvider) -> None:
+async def test_full_pool_named_in_timeout(fake_provider: FakeProvider) -> None:
     fake_provider.fail_next("/models", delay_seconds=2.0)
     limits = httpx.Limits(max_connections=1)
     async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=httpx.Timeout(5.0, pool=0.2)) as client:

@@ -278,7 +278,7 @@ class ReplyGenerator:
             result = await complete_chat(self._http, prepared.target, prepared.request)
             error_code = None
             if len(result.content) > self._max_characters:
-                # No finish reason, as for a cut stream: the stored reply did not end where the provider's did.
+                # No finish reason, as for a cut stream, because the stored reply did not end where the provider's did.
                 cut = result.content[: self._max_characters]
                 result = dataclasses.replace(result, content=cut, incomplete=True, finish_reason=None)
                 error_code = self._reply_too_long(record).code
@@ -293,7 +293,7 @@ class ReplyGenerator:
         self, record: ReplyRecord, provider_stream: AsyncGenerator[ContentDelta | StreamEnd, None], stream: ReplyStream
     ) -> None:
         started = time.perf_counter()
-        # One buffer rather than a list of pieces: a provider may send a great many tiny ones.
+        # One buffer rather than a list of pieces, because a provider may send a great many tiny ones.
         text = io.StringIO()
         length = 0
         try:

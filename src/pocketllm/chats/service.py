@@ -268,8 +268,8 @@ async def list_messages(
     offset: int = 0,
     up_to: int | None = None,
 ) -> Sequence[AnyRow]:
-    """List the chat's messages in order as rows, with the attribute names of StoredMessage; with `up_to`,
-    only those numbered up to that sequence.
+    """List the chat's messages in order as rows, with the attribute names of StoredMessage. With `up_to`,
+    list only those numbered up to that sequence.
 
     GET requests read without a snapshot, so a message can be stored between reading a chat and reading
     its messages. Passing the chat's `last_sequence` as `up_to` keeps the list in step with that chat row:

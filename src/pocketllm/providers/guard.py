@@ -179,7 +179,7 @@ class OutboundGuard:
     async def open_stream(self, clients: Clients, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """Like `stream`, but return the open response, which the caller must close with `aclose()`.
 
-        For callers that keep the response open in a context manager of their own, which then saves the
+        Callers that keep the response open in a context manager of their own use it, and so save the
         generator and context manager objects of `stream` for as long as the response is open.
         """
         target = await self.check(url)

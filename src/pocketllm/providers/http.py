@@ -33,7 +33,8 @@ ErrorMapper = Callable[[httpx.Response], PocketLLMError | None]
 MAX_PROVIDER_MESSAGE_LENGTH = 300
 # The default limit of a JSON response body. Model lists of the largest catalogues are a few MiB.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-# The part of an error response's body read for its message; providers send a few hundred bytes.
+# How much of an error response's body is read for its message. Provider error bodies are usually a few
+# hundred bytes.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # Key-shaped words: long runs of letters, digits, dashes and underscores, with or without a known prefix.
 _KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|gsk|xai|key|api)[-_][A-Za-z0-9_\-*.]{6,}|\b[A-Za-z0-9_\-]{32,}\b")
@@ -73,8 +74,8 @@ class JsonBody(httpx.AsyncByteStream):
     """A JSON request body, encoded with `encode_json`, that lets go of its bytes once they are sent.
 
     httpx keeps a request's body for as long as its response is open. For a reply stream that is the
-    prompt, which can be large, for minutes. This body is sent once (a provider request is never sent
-    again: no retries and no redirects) and then is empty.
+    prompt, which can be large, for minutes. This body is sent once, because the provider clients neither
+    retry nor follow redirects, and then is empty.
     """
 
     __slots__ = ("_data", "length")
@@ -155,7 +156,7 @@ class ProviderHttp:
         """Open a streaming request; the status is checked (and the body read for the error) before yielding.
 
         `json_body` is taken encoded, as a JsonBody, because the context manager keeps its arguments while
-        the stream is open: a dict would keep the prompt, which can be large, and JsonBody lets go of it
+        the stream is open. A dict would keep the prompt, which can be large, and JsonBody lets go of it
         once it is sent.
 
         The duration metric of the call ends at the response headers, and its outcome is how the whole stream ended.

@@ -66,7 +66,7 @@ class _ConnectionProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         _wake(self.read_waiter)
-        # False closes the transport: an HTTP/1.1 client has nothing more to send once the server is done.
+        # False closes the transport, because an HTTP/1.1 client has nothing more to send once the server is done.
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -197,7 +197,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore checks this before it reuses an idle connection: data or an EOF means the server closed it.
+            # httpcore checks this before it reuses an idle connection. Data or an EOF then means the server closed it.
             protocol = self._protocol
             return protocol.eof or bool(protocol.chunks)
         name = _EXTRA_INFO_NAMES.get(info)
