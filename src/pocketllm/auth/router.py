@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Request, status
+from fastapi import Body, Request, status
 
 from pocketllm.auth import service
 from pocketllm.auth.backends.local import PasswordUnchanged, RefreshTokenInvalid, SessionRevoked
@@ -46,10 +46,10 @@ from pocketllm.errors import (
     error_responses,
 )
 from pocketllm.kit.ratelimit import ClientAddress, Limiter
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.referrals import service as referrals
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/auth", tags=["auth"], route_class=JsonBodyRoute)
 
 _INVITE_STATUS_MESSAGES = {
     "valid": "The invite code is valid.",

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import pydantic_core
 import structlog
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import Query, Request, Response, status
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.chats import service
@@ -18,7 +18,7 @@ from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWit
 from pocketllm.db.dependencies import DbReader, DbSession
 from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import Limiter
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.kit.streaming import EventStreamResponse
 from pocketllm.model_configs.service import ModelConfigNotFound
 from pocketllm.providers.errors import (
@@ -35,7 +35,7 @@ from pocketllm.providers.service import ProviderKeyUnreadable
 # Far beyond any real list; larger values would overflow the databases' 64-bit integers.
 MAX_OFFSET = 1_000_000_000
 
-router = APIRouter(prefix="/v1/chats", tags=["chats"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/chats", tags=["chats"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 _REPLY_ERRORS = (

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Literal
 
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -19,9 +19,9 @@ from pocketllm.db.dependencies import get_database
 from pocketllm.db.engine import SQLITE_BEGIN_OPTION
 from pocketllm.db.migrate import head_revision
 from pocketllm.db.types import utcnow
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 
-router = APIRouter(tags=["health"], route_class=JsonBodyRoute)
+router = PrefixRouter(tags=["health"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
+from fastapi import BackgroundTasks, Header, Query, Request, Response, status
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import DbSession
@@ -22,7 +22,7 @@ from pocketllm.jobs.schemas import (
     JobStatusFilter,
 )
 from pocketllm.kit.ratelimit import Limiter
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.models import Job as JobRow
 from pocketllm.providers.dependencies import Providers
 from pocketllm.providers.registry import UnsupportedProvider
@@ -33,7 +33,7 @@ from pocketllm.users.router import public_base_url
 # Far beyond any real list; larger values would overflow the databases' 64-bit integers.
 MAX_OFFSET = 1_000_000_000
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 _VALIDATION_ERRORS = (

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Body, Query, Response, status
+from fastapi import Body, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbReader, DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, UnparsableBody, error_responses
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.model_configs import service
 from pocketllm.model_configs.schemas import (
     ModelConfiguration,
@@ -34,7 +34,7 @@ from pocketllm.providers.registry import PROVIDERS, UnsupportedProvider, get_pro
 from pocketllm.providers.router import filter_models
 from pocketllm.providers.schemas import ProviderModel
 
-router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/models", tags=["models"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 MAX_IMPORT_ALL = 200

@@ -7,13 +7,13 @@ from datetime import datetime
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Query, Response, status
+from fastapi import Query, Response, status
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.db.types import utcnow
 from pocketllm.errors import NotAuthenticated, UnparsableBody, error_responses
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.providers import service
 from pocketllm.providers.catalogue import ProviderTarget
 from pocketllm.providers.dependencies import Providers
@@ -35,7 +35,7 @@ from pocketllm.providers.schemas import (
     ProviderUpdateRequest,
 )
 
-router = APIRouter(prefix="/v1/providers", tags=["providers"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/providers", tags=["providers"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 _SAVE_ERRORS = (

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter, Request, status
+from fastapi import Request, status
 
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.auth.emails import InvalidEmail, canonicalize_email
 from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.errors import NotAuthenticated, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import ClientAddress, Limiter
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.referrals import service
 from pocketllm.referrals.schemas import (
     ReferralEntry,
@@ -30,9 +30,9 @@ from pocketllm.referrals.schemas import (
 # Newest first; older referrals still count in `stats`.
 MAX_LISTED_REFERRALS = 500
 
-waitlist_router = APIRouter(prefix="/v1/waitlist", tags=["waitlist"], route_class=JsonBodyRoute)
-referral_router = APIRouter(prefix="/v1/referral", tags=["referrals"], route_class=JsonBodyRoute)
-legacy_referral_router = APIRouter(prefix="/v1/v1/referral", include_in_schema=False, route_class=JsonBodyRoute)
+waitlist_router = PrefixRouter(prefix="/v1/waitlist", tags=["waitlist"], route_class=JsonBodyRoute)
+referral_router = PrefixRouter(prefix="/v1/referral", tags=["referrals"], route_class=JsonBodyRoute)
+legacy_referral_router = PrefixRouter(prefix="/v1/v1/referral", include_in_schema=False, route_class=JsonBodyRoute)
 
 
 @waitlist_router.post(

@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 
 from pocketllm.errors import NotFound, error_responses
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.storage.keys import DEFAULT_CONTENT_TYPE, InvalidStorageKey, is_public_key, validate_key
 from pocketllm.storage.service import FILES_PATH, FileStorage, StorageUnavailable
 from pocketllm.storage.signing import InvalidSignature, SignatureExpired
 
-router = APIRouter(tags=["files"], route_class=JsonBodyRoute)
+router = PrefixRouter(tags=["files"], route_class=JsonBodyRoute)
 
 # Avatar URLs change whenever the avatar does, so a cached copy never goes stale.
 PUBLIC_CACHE_CONTROL = "public, max-age=31536000, immutable"

@@ -8,14 +8,14 @@ from typing import Annotated, Any
 
 import anyio
 import structlog
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import File, Request, UploadFile
 
 from pocketllm.auth import service as auth_service
 from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.db.dependencies import Db, DbReader, DbSession
 from pocketllm.db.types import AnyRow
 from pocketllm.errors import Forbidden, NotAuthenticated, UnparsableBody, error_responses
-from pocketllm.kit.routing import JsonBodyRoute
+from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.models import Profile, User
 from pocketllm.storage.service import FileStorage, new_key
 from pocketllm.users import avatars, service
@@ -27,7 +27,7 @@ from pocketllm.users.schemas import (
     UserProfileUpdate,
 )
 
-router = APIRouter(prefix="/v1/users", tags=["users"], route_class=JsonBodyRoute)
+router = PrefixRouter(prefix="/v1/users", tags=["users"], route_class=JsonBodyRoute)
 log = structlog.get_logger(__name__)
 
 
