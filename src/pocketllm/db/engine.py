@@ -60,7 +60,7 @@ def _create_private_file(database: str | None) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
+def create_engine(database_url: str, *, pool_size: int = 20, max_overflow: int = 0) -> AsyncEngine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         _create_private_file(url.database)
