@@ -524,6 +524,21 @@ async def test_check_allows_private_literal_when_private_allowed(url: str, reaso
     assert target.host_is_ip_address
 
 
+async def test_check_of_same_private_literal_follows_each_guard() -> None:
+    # The parsed URL is cached across guards; whether private addresses are allowed is not part of it.
+    allowing = OutboundGuard(allow_private=True, resolver=unused_resolver)
+    blocking = OutboundGuard(allow_private=False, resolver=unused_resolver)
+    url = "http://10.20.30.40:8080/v1"
+
+    first = await allowing.check(url)
+    await rejection(blocking, url)
+    second = await allowing.check(url)
+    await rejection(blocking, url)
+
+    assert first.address == second.address == "10.20.30.40"
+    assert str(second.pinned) == "http://10.20.30.40:8080/v1"
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -560,6 +575,7 @@ async def test_check_returns_target_for_public_name() -> None:
     assert target.host == "api.provider.test"
     assert target.port == 443
     assert target.address == "104.18.6.192"
+    assert str(target.pinned) == "https://104.18.6.192/v1/chat/completions?api-version=1"
     assert not target.host_is_ip_address
     assert resolver.calls == [("api.provider.test", 443)]
 

@@ -20,6 +20,7 @@ an HTTP proxy, so certificate verification fails there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -40,6 +41,8 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 ALLOWED_SCHEMES = ("http", "https")
 # How many HTTPS host names get a connection pool of their own (see HostClients); users can name any host.
 MAX_HOST_CLIENTS = 256
+# How many provider URLs keep their parsed form and rule checks (see _parse_provider_url).
+PARSED_URL_CACHE_SIZE = 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Two attempts at glibc's default 5-second resolver timeout (resolv.conf `timeout:5`, `attempts:2`).
 DEFAULT_RESOLVE_TIMEOUT_SECONDS = 10.0
@@ -104,6 +107,20 @@ class CheckedTarget:
     address: str  # the checked IP address that requests are pinned to
     host_is_ip_address: bool  # True when the URL names an IP address instead of a host name
     parsed: httpx.URL  # `url` parsed once here, so that building each request does not parse it again
+    pinned: httpx.URL  # `parsed` with its host replaced by `address`: where requests go
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedUrl:
+    """A provider URL that passed the rules that need no name resolution, and its address if it names one."""
+
+    parsed: httpx.URL
+    scheme: str
+    host: str
+    port: int
+    literal: IPAddress | None
+    literal_reason: str | None  # why `literal` is blocked, or None when it is public or there is none
+    pinned_literal: httpx.URL | None  # `parsed` with the literal address as host, for IP-literal URLs
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -133,29 +150,46 @@ class OutboundGuard:
         Raises ProviderUrlNotAllowed when the URL breaks a rule or any resolved address is blocked, and
         ProviderUnreachable when the host name does not resolve in time.
         """
-        parsed = _parse_url(url)
-        scheme = parsed.scheme
-        host = parsed.raw_host.decode("ascii")
-        port = parsed.port if parsed.port is not None else DEFAULT_PORTS[scheme]
-
-        literal = _parse_ip_literal(host)
+        checked = _parse_provider_url(url)
+        host = checked.host
+        literal = checked.literal
         if literal is not None:
             subject = f"The provider URL address {host} is"
             if ":" not in host and host != str(literal):
                 subject = f"The provider URL host '{host}' is the IPv4 address {literal},"
-            self._check_address(literal, subject=subject)
-            return CheckedTarget(url, scheme, host, port, str(literal), host_is_ip_address=True, parsed=parsed)
+            self._reject(checked.literal_reason, subject=subject)
+            assert checked.pinned_literal is not None
+            return CheckedTarget(
+                url,
+                checked.scheme,
+                host,
+                checked.port,
+                str(literal),
+                host_is_ip_address=True,
+                parsed=checked.parsed,
+                pinned=checked.pinned_literal,
+            )
 
         if host.rstrip(".") in METADATA_HOST_NAMES:
             raise ProviderUrlNotAllowed(
                 f"The provider URL host '{host}' is a cloud metadata server, which is always blocked."
             )
 
-        addresses = await self._resolve_addresses(host, port)
+        addresses = await self._resolve_addresses(host, checked.port)
         for address in addresses:
-            self._check_address(address, subject=f"The provider URL host '{host}' resolves to")
+            self._reject(_blocked_reason(address), subject=f"The provider URL host '{host}' resolves to")
         # NOTE: requests go to the first address only, with no fallback to the others when it is unreachable.
-        return CheckedTarget(url, scheme, host, port, str(addresses[0]), host_is_ip_address=False, parsed=parsed)
+        pinned_address = str(addresses[0])
+        return CheckedTarget(
+            url,
+            checked.scheme,
+            host,
+            checked.port,
+            pinned_address,
+            host_is_ip_address=False,
+            parsed=checked.parsed,
+            pinned=checked.parsed.copy_with(host=pinned_address),
+        )
 
     async def request(self, clients: Clients, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """Check `url`, send the request to the checked address and return the response, never following redirects.
@@ -208,12 +242,12 @@ class OutboundGuard:
             )
         return addresses
 
-    def _check_address(self, address: IPAddress, *, subject: str) -> None:
+    def _reject(self, reason: str | None, *, subject: str) -> None:
         """Raise ProviderUrlNotAllowed for a metadata address, and for any blocked one unless private URLs are allowed.
 
-        `subject` starts the message and is completed by the reason, as in "<subject> a loopback address".
+        `reason` is what `_blocked_reason` found for the address. `subject` starts the message and is
+        completed by the reason, as in "<subject> a loopback address".
         """
-        reason = _blocked_reason(address)
         if reason is None:
             return
 
@@ -221,6 +255,24 @@ class OutboundGuard:
             raise ProviderUrlNotAllowed(f"{subject} {reason}, which is always blocked.")
         if not self.allow_private:
             raise ProviderUrlNotAllowed(f"{subject} {reason}, which is blocked. {ALLOW_PRIVATE_HINT}")
+
+
+@functools.lru_cache(maxsize=PARSED_URL_CACHE_SIZE)
+def _parse_provider_url(url: str) -> _ParsedUrl:
+    """Parse `url`, apply the rules that need no name resolution, and classify an IP-literal host.
+
+    The result depends on the URL alone, so it is cached: a chat sends every reply to the same base URL.
+    A URL that breaks a rule raises each time, because exceptions are not cached.
+    """
+    parsed = _parse_url(url)
+    scheme = parsed.scheme
+    host = parsed.raw_host.decode("ascii")
+    port = parsed.port if parsed.port is not None else DEFAULT_PORTS[scheme]
+    literal = _parse_ip_literal(host)
+    if literal is None:
+        return _ParsedUrl(parsed, scheme, host, port, None, None, None)
+    pinned = parsed.copy_with(host=str(literal))
+    return _ParsedUrl(parsed, scheme, host, port, literal, _blocked_reason(literal), pinned)
 
 
 def _parse_url(url: str) -> httpx.URL:
@@ -454,5 +506,4 @@ def _build_pinned_request(
         # A client shared by several host names must not keep this connection: see HostClients.
         headers["Connection"] = "close"
 
-    pinned_url = target.parsed.copy_with(host=target.address)
-    return client, client.build_request(method, pinned_url, headers=headers, extensions=extensions, **options)
+    return client, client.build_request(method, target.pinned, headers=headers, extensions=extensions, **options)
