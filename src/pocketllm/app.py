@@ -7,7 +7,6 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import certifi
@@ -46,7 +45,7 @@ from pocketllm.providers.catalogue import Catalogue
 from pocketllm.providers.dependencies import ProviderRuntime
 from pocketllm.providers.guard import HostClients, OutboundGuard
 from pocketllm.providers.http import ProviderHttp
-from pocketllm.providers.network import ProviderTransport
+from pocketllm.providers.network import ProviderClient, ProviderTransport
 from pocketllm.providers.router import router as providers_router
 from pocketllm.referrals.router import legacy_referral_router, referral_router, waitlist_router
 from pocketllm.storage.router import router as files_router
@@ -80,7 +79,8 @@ def build_provider_runtime(settings: Settings) -> ProviderRuntime:
     limits = httpx.Limits(max_connections=settings.provider_max_connections, max_keepalive_connections=100)
 
     def make_client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(
+        # ProviderClient keeps no cookies: the clients are shared by all users.
+        return ProviderClient(
             transport=ProviderTransport(ssl_context=tls_context, limits=limits),
             timeout=httpx.Timeout(
                 settings.provider_read_timeout_seconds, connect=settings.provider_connect_timeout_seconds
@@ -92,9 +92,6 @@ def build_provider_runtime(settings: Settings) -> ProviderRuntime:
             # Proxy variables from the environment would bypass the guard's address pinning, and .netrc
             # credentials must never be attached to provider requests.
             trust_env=False,
-            # The clients are shared by all users, so a cookie set by a provider for one user's key must not
-            # be sent with another user's request.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     http_client = HostClients(make_client)

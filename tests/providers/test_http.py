@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
 
+from pocketllm.app import build_provider_runtime
 from pocketllm.providers.chat import read_json_body
 from pocketllm.providers.errors import ProviderRateLimited, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.guard import OutboundGuard
@@ -24,7 +26,7 @@ from pocketllm.providers.http import (
     retry_after_seconds,
     scrub_secret,
 )
-from tests.conftest import loopback_only_resolver
+from tests.conftest import loopback_only_resolver, make_settings
 from tests.fakes.provider import VALID_API_KEY, FakeProvider
 
 
@@ -50,6 +52,22 @@ async def test_response_within_limit_is_decoded(provider_http: ProviderHttp, fak
 
     assert isinstance(body, dict)
     assert body["data"]
+
+
+async def test_provider_cookie_not_sent_again(tmp_path: Path, fake_provider: FakeProvider) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/unused.db", tmp_path, allow_private_provider_urls=True)
+    runtime = build_provider_runtime(settings)
+    # A normal response, a millisecond late, with a cookie.
+    fake_provider.fail_next("/models", delay_seconds=0.001, headers={"Set-Cookie": "affinity=first-caller; Path=/"})
+    try:
+        await list_models(runtime.http, fake_provider)
+        await list_models(runtime.http, fake_provider)
+    finally:
+        await runtime.close()
+
+    first, second = fake_provider.requests_to("/models")
+    assert "cookie" not in first.headers
+    assert "cookie" not in second.headers
 
 
 async def test_response_over_limit_is_refused(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
