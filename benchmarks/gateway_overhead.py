@@ -12,8 +12,9 @@ hits both sides alike:
 * Relay cost per streamed chunk: server CPU time (from /proc) for replies of M chunks minus the same number
   of replies of 1 chunk, divided by the number of extra chunks.
 
-Every chat is seeded with 10 earlier messages and cut back to them after each batch, so every reply has
-the same history. The server is `pocketllm serve --no-worker`, pinned to its own core where there are two.
+Every chat is seeded with 10 earlier messages and cut back to them after each batch. Requests go to at
+least 32 chats in turn, so that a batch adds only a few messages to each history. The server is
+`pocketllm serve --no-worker`, pinned to its own core where there are two.
 
     python -m benchmarks.gateway_overhead                # full run
     python -m benchmarks.gateway_overhead --requests 300 --stream-requests 100 --relay-replies 40
@@ -54,6 +55,10 @@ from benchmarks.seed import SEED_TEXT, ChatStore
 from benchmarks.upstream import MODEL
 
 HISTORY_MESSAGES = 10
+# Requests go to the chats in turn, and each reply adds two messages until the batch ends. With this many
+# chats a batch of 100 adds at most four replies to any chat, so every history stays close to
+# HISTORY_MESSAGES even at concurrency 1.
+MIN_CHATS = 32
 NEW_MESSAGE = "What is the capital of France? Answer in one word."
 # Published overhead figures of other gateways, for context only; each was measured on other hardware.
 COMPARISON_POINTS_MS = {"LiteLLM": 4.3, "Portkey": 2.5, "Bifrost": 0.5}
@@ -209,7 +214,7 @@ async def measure_database(database: DatabaseKind, arguments: argparse.Namespace
                     data_dir=scratch,
                     cores=plan.server,
                 )
-                account = await set_up_account(server, upstream, chats=max(concurrencies))
+                account = await set_up_account(server, upstream, chats=max(*concurrencies, MIN_CHATS))
                 store = ChatStore(database_url)
                 try:
                     for chat_id in account.chat_ids:
