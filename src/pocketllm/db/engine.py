@@ -64,7 +64,12 @@ def create_engine(database_url: str, *, pool_size: int = 20, max_overflow: int =
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         _create_private_file(url.database)
-        engine = create_async_engine(url, hide_parameters=True)
+        # SQLAlchemy gives a file database a queue pool, whose default of 5 connections and 10 more closed on
+        # return opened a connection (and its aiosqlite thread) for each request past five under steady
+        # load. An in-memory database gets a static pool, which takes no size.
+        in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+        sizes = {} if in_memory else {"pool_size": pool_size, "max_overflow": max_overflow}
+        engine = create_async_engine(url, hide_parameters=True, **sizes)
         use_one_trip_connections(engine)
         _configure_sqlite(engine)
         return engine
