@@ -42,7 +42,7 @@ ALLOWED_SCHEMES = ("http", "https")
 # How many HTTPS host names get a connection pool of their own (see HostClients); users can name any host.
 MAX_HOST_CLIENTS = 256
 # How many provider URLs keep their parsed form and rule checks (see _parse_provider_url).
-PARSED_URL_CACHE_SIZE = 1024
+PARSED_URL_CACHE_SIZE = 256
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Two attempts at glibc's default 5-second resolver timeout (resolv.conf `timeout:5`, `attempts:2`).
 DEFAULT_RESOLVE_TIMEOUT_SECONDS = 10.0
