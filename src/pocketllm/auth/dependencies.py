@@ -36,12 +36,13 @@ async def get_client_info(request: Request) -> ClientInfo:
 
 
 async def get_current_user(
-    request: Request,
-    backend: Annotated[AuthBackend, Depends(get_auth_backend)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise NotAuthenticated()
+    # The backend comes from the app's state directly: as a dependency of its own, FastAPI would resolve
+    # it on every authenticated request.
+    backend: AuthBackend = request.app.state.auth_backend
     principal = await backend.authenticate(credentials.credentials)
     structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))
     # For handle_account_deleted, which runs after the handler has failed.
