@@ -26,18 +26,21 @@ JOBS = "/v1/jobs"
 CREATE = "/v1/jobs/image-generation"
 
 
+SETTINGS = {
+    # The fake provider listens on 127.0.0.1, which the outbound guard blocks by default.
+    "allow_private_provider_urls": True,
+    "provider_read_timeout_seconds": 5.0,
+    "job_max_attempts": 3,
+    "job_heartbeat_seconds": 0.05,
+    "job_lease_seconds": 5.0,
+    "job_poll_seconds": 0.05,
+    "job_shutdown_grace_seconds": 0.0,
+}
+
+
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    # The fake provider listens on 127.0.0.1, which the outbound guard blocks by default.
-    return {
-        "allow_private_provider_urls": True,
-        "provider_read_timeout_seconds": 5.0,
-        "job_max_attempts": 3,
-        "job_heartbeat_seconds": 0.05,
-        "job_lease_seconds": 5.0,
-        "job_poll_seconds": 0.05,
-        "job_shutdown_grace_seconds": 0.0,
-    }
+    return dict(SETTINGS)
 
 
 @pytest.fixture(autouse=True)
@@ -764,6 +767,47 @@ async def test_estimate_from_price_table(client: httpx.AsyncClient, headers: dic
     assert body["provider"] == "openai"
     assert body["breakdown"]["price_source"].startswith("https://")
     assert body["breakdown"]["price_date"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{**SETTINGS, "database_pool_size": 1}])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", f"{CREATE}/estimate-cost", {"model": "test/range-image", "provider": "imagerouter"}, 200),
+        ("GET", f"{CREATE}/models", None, 200),
+        (
+            "POST",
+            CREATE,
+            {
+                "job_type": "image_generation",
+                "input_data": {"prompt": "A lighthouse", "model": "test/fixed-image", "provider": "imagerouter"},
+            },
+            202,
+        ),
+    ],
+)
+async def test_model_list_fetch_holds_no_connection(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    fake_provider: FakeProvider,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    status: int,
+) -> None:
+    # With one pooled connection, a request waiting for ImageRouter's model list must leave it free.
+    await activate(client, headers, "imagerouter", fake_provider.imagerouter_base_url)
+    fake_provider.fail_next("/imagerouter/v1/models", delay_seconds=60)
+    slow = asyncio.create_task(client.request(method, path, headers=headers, json=body))
+    await asyncio.to_thread(fake_provider.wait_for_requests, "/imagerouter/v1/models")
+
+    async with asyncio.timeout(10):
+        profile = await client.get("/v1/users/profile", headers=headers)
+    fake_provider.reset()
+    response = await slow
+
+    assert profile.status_code == 200
+    assert response.status_code == status, response.text
 
 
 async def test_estimate_from_imagerouter_prices(

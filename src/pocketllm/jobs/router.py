@@ -9,7 +9,7 @@ import structlog
 from fastapi import BackgroundTasks, Header, Query, Request, Response, status
 
 from pocketllm.auth.dependencies import CurrentUser
-from pocketllm.db.dependencies import DbSession
+from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.errors import NotAuthenticated, RateLimited, UnparsableBody, error_responses
 from pocketllm.jobs import service
 from pocketllm.jobs.prices import UnknownImageModel
@@ -99,7 +99,7 @@ async def list_jobs(
 async def create_image_job(
     payload: JobCreateRequest,
     user: CurrentUser,
-    session: DbSession,
+    database: Db,
     providers: Providers,
     request: Request,
     response: Response,
@@ -118,7 +118,7 @@ async def create_image_job(
     await limiter.hit("jobs", str(user.user_id), settings.rate_limit_jobs)
     key = service.check_idempotency_key(idempotency_key)
     job, created = await service.create_image_job(
-        session,
+        database,
         providers,
         user.user_id,
         job_type=payload.job_type,
@@ -140,9 +140,9 @@ async def create_image_job(
     response_model=list[ProviderModel],
     responses=error_responses(NotAuthenticated),
 )
-async def list_image_models(user: CurrentUser, session: DbSession, providers: Providers) -> list[ProviderModel]:
+async def list_image_models(user: CurrentUser, database: Db, providers: Providers) -> list[ProviderModel]:
     """Image models of the caller's active image providers, with per-image prices in `metadata`."""
-    return await service.list_image_models(session, providers, user.user_id)
+    return await service.list_image_models(database, providers, user.user_id)
 
 
 @router.post(
@@ -151,10 +151,10 @@ async def list_image_models(user: CurrentUser, session: DbSession, providers: Pr
     responses=error_responses(NotAuthenticated, UnparsableBody, *_VALIDATION_ERRORS),
 )
 async def estimate_cost(
-    payload: JobEstimateRequest, user: CurrentUser, session: DbSession, providers: Providers
+    payload: JobEstimateRequest, user: CurrentUser, database: Db, providers: Providers
 ) -> JobEstimateResponse:
     """Estimate the price of an image job from the published price table (see `breakdown` for its source)."""
-    estimate = await service.estimate(session, providers, user.user_id, payload)
+    estimate = await service.estimate(database, providers, user.user_id, payload)
     return JobEstimateResponse(
         model=estimate.model,
         provider=estimate.provider,

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pocketllm.db.engine import Database
 from pocketllm.db.types import utcnow
 from pocketllm.errors import Conflict, InvalidInput, NotFound, PocketLLMError
 from pocketllm.jobs.notify import announce_job
@@ -233,7 +234,7 @@ def _stored_input(provider: str, request: ImageRequest) -> dict[str, Any]:
 
 
 async def create_image_job(
-    session: AsyncSession,
+    database: Database,
     runtime: ProviderRuntime,
     user_id: uuid.UUID,
     *,
@@ -246,17 +247,20 @@ async def create_image_job(
     """Check the request, then queue it. Returns the job and whether it is new.
 
     With an idempotency key already used for the same request, the existing job is returned instead.
+    The reads and the insert run in two short transactions, and ImageRouter's model list is fetched
+    between them, so that a slow provider holds no database connection and, on SQLite, not the write lock.
     """
     if job_type != IMAGE_GENERATION:
         raise UnsupportedJobType()
     fingerprint = request_fingerprint(job_type, data, metadata)
-    # A repeated request gets its job back even if the provider setup changed since the first one.
-    if idempotency_key is not None:
-        existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
-        if existing is not None:
-            return _same_request(existing, fingerprint), False
+    async with database.read_only(snapshot=False) as session:
+        # A repeated request gets its job back even if the provider setup changed since the first one.
+        if idempotency_key is not None:
+            existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
+            if existing is not None:
+                return _same_request(existing, fingerprint), False
+        resolved = await resolve_image_provider(session, user_id, data.provider, data.model)
 
-    resolved = await resolve_image_provider(session, user_id, data.provider, data.model)
     request = validate_image_request(resolved.provider, _image_request(data))
     await _catalogue_price(runtime, resolved, request.model, check_model=True)
 
@@ -276,18 +280,19 @@ async def create_image_job(
         created_at=now,
         updated_at=now,
     )
-    try:
-        async with session.begin_nested():
-            session.add(job)
-    except IntegrityError:
-        # A concurrent request with the same key won; it has committed by now.
-        if idempotency_key is None:
-            raise
-        existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
-        if existing is None:
-            raise
-        return _same_request(existing, fingerprint), False
-    await announce_job(session)
+    async with database.transaction() as session:
+        try:
+            async with session.begin_nested():
+                session.add(job)
+        except IntegrityError:
+            # A concurrent request with the same key won; it has committed by now.
+            if idempotency_key is None:
+                raise
+            existing = await _find_by_idempotency_key(session, user_id, idempotency_key)
+            if existing is None:
+                raise
+            return _same_request(existing, fingerprint), False
+        await announce_job(session)
     log.info("job.queued", job_id=str(job.id), job_type=job.job_type, provider=resolved.provider)
     return job, True
 
@@ -314,12 +319,15 @@ def _same_request(existing: Job, fingerprint: str) -> Job:
 
 
 async def estimate(
-    session: AsyncSession, runtime: ProviderRuntime, user_id: uuid.UUID, payload: JobEstimateRequest
+    database: Database, runtime: ProviderRuntime, user_id: uuid.UUID, payload: JobEstimateRequest
 ) -> CostEstimate:
+    """Estimate the job's price. The provider configuration is read first, and its connection given back
+    before ImageRouter's model list is fetched."""
     size = payload.size
     if payload.dimensions is not None:
         size = f"{payload.dimensions[0]}x{payload.dimensions[1]}"
-    resolved = await resolve_image_provider(session, user_id, payload.provider, payload.model, require_active=False)
+    async with database.read_only(snapshot=False) as session:
+        resolved = await resolve_image_provider(session, user_id, payload.provider, payload.model, require_active=False)
     request = validate_image_request(
         resolved.provider,
         ImageRequest(
@@ -336,9 +344,13 @@ async def estimate(
     return estimate_cost(resolved.provider, request, catalogue_price_usd=price)
 
 
-async def list_image_models(session: AsyncSession, runtime: ProviderRuntime, user_id: uuid.UUID) -> list[ProviderModel]:
-    """Return the image models of the caller's active providers, leaving out a provider whose list fails."""
-    active = await _active_image_configs(session, user_id)
+async def list_image_models(database: Database, runtime: ProviderRuntime, user_id: uuid.UUID) -> list[ProviderModel]:
+    """Return the image models of the caller's active providers, leaving out a provider whose list fails.
+
+    The configurations are read first, and their connection returned to the pool before any model list is fetched.
+    """
+    async with database.read_only(snapshot=False) as session:
+        active = await _active_image_configs(session, user_id)
     models: list[ProviderModel] = []
     for provider in IMAGE_PROVIDER_PREFERENCE:
         config = active.get(provider)
