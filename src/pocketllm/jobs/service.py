@@ -321,8 +321,11 @@ def _same_request(existing: Job, fingerprint: str) -> Job:
 async def estimate(
     database: Database, runtime: ProviderRuntime, user_id: uuid.UUID, payload: JobEstimateRequest
 ) -> CostEstimate:
-    """Estimate the job's price. The provider configuration is read first, and its connection given back
-    before ImageRouter's model list is fetched."""
+    """Estimate the job's price.
+
+    The provider configuration is read first, and its connection returned to the pool before
+    ImageRouter's model list is fetched.
+    """
     size = payload.size
     if payload.dimensions is not None:
         size = f"{payload.dimensions[0]}x{payload.dimensions[1]}"
@@ -347,7 +350,8 @@ async def estimate(
 async def list_image_models(database: Database, runtime: ProviderRuntime, user_id: uuid.UUID) -> list[ProviderModel]:
     """Return the image models of the caller's active providers, leaving out a provider whose list fails.
 
-    The configurations are read first, and their connection returned to the pool before any model list is fetched.
+    The configurations are read first, and their connection returned to the pool before any model list
+    is fetched.
     """
     async with database.read_only(snapshot=False) as session:
         active = await _active_image_configs(session, user_id)
