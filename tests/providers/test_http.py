@@ -70,6 +70,23 @@ async def test_provider_cookie_not_sent_again(tmp_path: Path, fake_provider: Fak
     assert "cookie" not in second.headers
 
 
+async def test_cookie_added_by_code_not_sent(tmp_path: Path, fake_provider: FakeProvider) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/unused.db", tmp_path, allow_private_provider_urls=True)
+    runtime = build_provider_runtime(settings)
+    # The clients share one cookie store, so a cookie added to it would go out for every user.
+    store = runtime.http_client.shared.cookies
+    store.update({"added": "by-update"})
+    store["assigned"] = "by-item"
+    store.set("set", "by-set")
+    try:
+        await list_models(runtime.http, fake_provider)
+    finally:
+        await runtime.close()
+
+    assert len(store) == 0
+    assert "cookie" not in fake_provider.last_request("/models").headers
+
+
 async def test_response_over_limit_is_refused(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
     fake_provider.model_list_body = {"data": [], "padding": "x" * 200_000}
 

@@ -17,6 +17,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Iterable
+from http.cookiejar import Cookie, CookieJar
 from typing import Any, cast
 
 import httpcore
@@ -271,14 +272,21 @@ class ProviderTransport(httpx.AsyncHTTPTransport):
         )
 
 
+class _NoCookieJar(CookieJar):
+    """A cookie jar that stores nothing: every way of adding a cookie ends in `set_cookie`."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        """Drop the cookie."""
+
+
 class _NoCookies(httpx.Cookies):
-    """A cookie store that keeps no cookie, and so sends none. `update` and item assignment call `set`."""
+    """A cookie store that keeps no cookie, and so sends none."""
+
+    def __init__(self) -> None:
+        super().__init__(_NoCookieJar())
 
     def extract_cookies(self, response: httpx.Response) -> None:
-        """Ignore the response's Set-Cookie headers."""
-
-    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
-        """Ignore a cookie set by code."""
+        """Ignore the response's Set-Cookie headers without parsing them."""
 
 
 # One store serves every client, because it stays empty.
