@@ -115,17 +115,18 @@ class BodySizeLimitMiddleware:
 
 
 class PrefixRouter(APIRouter):
-    """An APIRouter that rules itself out of a request in one comparison when the path is outside its prefix.
+    """An APIRouter that rules itself out of a request in one search when the path lacks its prefix.
 
     FastAPI (0.165) tries every route of every included router in turn, with the regular expression and
     scope bookkeeping of each, so a request for the last router paid for the routes of all routers before
-    it. Each router here has its own prefix and is included without another one, so a path outside the
-    prefix cannot match any of its routes. Behind a `root_path` the full check runs, because the path to
-    compare is then the part after it.
+    it. The path of each of this router's routes contains its prefix, whatever prefix or root path it is
+    included under, so a request path without it cannot match. A prefix with a path parameter matches
+    paths it does not contain literally, so it gets the full check.
     """
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if self.prefix and not scope.get("root_path") and not scope["path"].startswith(self.prefix):
+        prefix = self.prefix
+        if prefix and "{" not in prefix and prefix not in scope["path"]:
             return Match.NONE, {}
         return super().matches(scope)
 
