@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from pocketllm.app import create_app
 from pocketllm.config import Settings
@@ -247,3 +248,18 @@ class TestBodyChecks:
 
         assert response.status_code == 413
         assert response.json()["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"database_pool_size": 1, "database_pool_timeout_seconds": 0.2}])
+async def test_busy_pool_gives_503(app: FastAPI, client: httpx.AsyncClient, unique_email: str) -> None:
+    headers = auth_headers(await sign_up(client, unique_email))
+
+    # The test takes the only pooled connection, so the request finds none free.
+    async with app.state.database.read_connection():
+        busy = await client.get("/v1/users/profile", headers=headers)
+    after = await client.get("/v1/users/profile", headers=headers)
+
+    assert busy.status_code == 503
+    assert busy.json()["code"] == "database_busy"
+    assert busy.headers["Retry-After"] == "1"
+    assert after.status_code == 200

@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.effective_database_url,
                 pool_size=settings.database_pool_size,
                 max_overflow=settings.database_max_overflow,
+                pool_timeout=settings.database_pool_timeout_seconds,
             )
         )
         if settings.migrate_on_start:

@@ -230,6 +230,7 @@ async def _work(settings: Settings, concurrency: int | None) -> None:
             settings.effective_database_url,
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout_seconds,
         )
     )
     providers = build_provider_runtime(settings)

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     # of 20 connections in the pool instead; requests past it wait for a free connection.
     database_pool_size: int = Field(default=20, ge=1, le=200)
     database_max_overflow: int = Field(default=0, ge=0, le=200)
+    # How long a request waits for a free pooled connection before it gets 503 `database_busy`.
+    database_pool_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     migrate_on_start: bool = True
 
     auth_backend: AuthBackend = AuthBackend.LOCAL

@@ -10,6 +10,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any, ClassVar
 
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +81,13 @@ class UpstreamError(PocketLLMError):
 class ServiceUnavailable(PocketLLMError):
     status_code = 503
     code = "service_unavailable"
+
+
+class DatabaseBusy(ServiceUnavailable):
+    """Every pooled database connection stayed in use for DATABASE_POOL_TIMEOUT_SECONDS."""
+
+    code = "database_busy"
+    default_message = "The server's database connections are all in use; try again in a moment."
 
 
 class UnparsableBody(PocketLLMError):
@@ -209,7 +217,14 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
     return error_json(exc.status_code, code, detail, dict(exc.headers) if exc.headers else None)
 
 
+async def _handle_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database.pool_timeout", path=request.url.path)
+    return error_json(DatabaseBusy.status_code, DatabaseBusy.code, DatabaseBusy.default_message, {"Retry-After": "1"})
+
+
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PocketLLMError, _handle_domain_error)
+    # SQLAlchemy raises its TimeoutError only when no pooled connection became free in time.
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _handle_pool_timeout)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)

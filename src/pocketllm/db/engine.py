@@ -60,7 +60,9 @@ def _create_private_file(database: str | None) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-def create_engine(database_url: str, *, pool_size: int = 20, max_overflow: int = 0) -> AsyncEngine:
+def create_engine(
+    database_url: str, *, pool_size: int = 20, max_overflow: int = 0, pool_timeout: float = 30.0
+) -> AsyncEngine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         _create_private_file(url.database)
@@ -68,8 +70,10 @@ def create_engine(database_url: str, *, pool_size: int = 20, max_overflow: int =
         # return opened a connection (and its aiosqlite thread) for each request past five under steady
         # load. An in-memory database gets a static pool, which takes no size.
         in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-        sizes = {} if in_memory else {"pool_size": pool_size, "max_overflow": max_overflow}
-        engine = create_async_engine(url, hide_parameters=True, **sizes)
+        pool: dict[str, Any] = {}
+        if not in_memory:
+            pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
+        engine = create_async_engine(url, hide_parameters=True, **pool)
         use_one_trip_connections(engine)
         _configure_sqlite(engine)
         return engine
@@ -79,6 +83,7 @@ def create_engine(database_url: str, *, pool_size: int = 20, max_overflow: int =
         hide_parameters=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
     )
     _skip_closed_connections(engine)
