@@ -87,6 +87,19 @@ async def test_cookie_added_by_code_not_sent(tmp_path: Path, fake_provider: Fake
     assert "cookie" not in fake_provider.last_request("/models").headers
 
 
+async def test_malformed_json_message_matches_reply_path(
+    provider_http: ProviderHttp, fake_provider: FakeProvider
+) -> None:
+    fake_provider.fail_next("/models", malformed_json=True)
+    reply_body = httpx.Response(200, content=b"{not json", request=httpx.Request("POST", "http://127.0.0.1/"))
+    with pytest.raises(ProviderRequestFailed) as listing:
+        await list_models(provider_http, fake_provider)
+    with pytest.raises(ProviderRequestFailed) as reply:
+        await read_json_body(reply_body, provider="openai")
+
+    assert listing.value.message == reply.value.message == "openai sent a response that is not valid JSON."
+
+
 async def test_response_over_limit_is_refused(provider_http: ProviderHttp, fake_provider: FakeProvider) -> None:
     fake_provider.model_list_body = {"data": [], "padding": "x" * 200_000}
 

@@ -138,7 +138,7 @@ class ProviderHttp:
                 return response.json()
             except ValueError as error:
                 log.info("provider.malformed_response", provider=provider, status=response.status_code)
-                raise ProviderRequestFailed(f"{provider} returned a response body that is not JSON.") from error
+                raise ProviderRequestFailed(f"{provider} sent a response that is not valid JSON.") from error
 
     @asynccontextmanager
     async def stream(
