@@ -89,6 +89,9 @@ class DatabaseBusy(ServiceUnavailable):
     code = "database_busy"
     default_message = "The server's database connections are all in use; try again in a moment."
 
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
 
 class UnparsableBody(PocketLLMError):
     """A request body that FastAPI cannot decode at all, such as bytes that are not UTF-8 text.
@@ -218,8 +221,10 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
 
 
 async def _handle_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("database.pool_timeout", path=request.url.path)
-    return error_json(DatabaseBusy.status_code, DatabaseBusy.code, DatabaseBusy.default_message, {"Retry-After": "1"})
+    # The request's path is in its request.completed line, with the same request id.
+    log.warning("database.pool_timeout")
+    busy = DatabaseBusy()
+    return error_json(busy.status_code, busy.code, busy.message, busy.headers)
 
 
 def register_error_handlers(app: FastAPI) -> None:

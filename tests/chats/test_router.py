@@ -953,3 +953,32 @@ class TestHardening:
         messages = await messages_of(client, headers, chat["id"])
         assert [m["role"] for m in messages] == ["user"]
         assert messages[0]["metadata"]["reply_error"]["code"] == "reply_interrupted"
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"allow_private_provider_urls": True, "database_pool_size": 1, "database_pool_timeout_seconds": 0.2}],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_reply_store_without_free_connection_is_503(
+    app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, stream: bool
+) -> None:
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+    fake_provider.fail_next("/chat/completions", delay_seconds=60)
+    sending = asyncio.create_task(send(client, headers, chat["id"], stream=stream))
+    await asyncio.to_thread(fake_provider.wait_for_requests, "/chat/completions")
+
+    # The provider responds while the test holds the only pooled connection, so the reply cannot be stored.
+    async with app.state.database.read_connection():
+        fake_provider.reset()
+        response = await sending
+
+    if stream:
+        events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
+        assert [events[0][0], events[-1][0]] == ["user_message", "error"]
+        assert events[-1][1] == {**events[-1][1], "code": "database_busy", "status": 503, "retry_after": 1}
+    else:
+        body = assert_error(response, 503, "database_busy")
+        assert response.headers["Retry-After"] == "1"
+        assert "request id" not in body["detail"]

@@ -18,13 +18,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy.exc
 import structlog
 
 from pocketllm.chats import service
 from pocketllm.chats.prompt import DEFAULT_CONTEXT_WINDOW, fit_history, output_limit
 from pocketllm.chats.schemas import Message, MessageCreate
 from pocketllm.db.engine import Database
-from pocketllm.errors import PocketLLMError
+from pocketllm.errors import DatabaseBusy, PocketLLMError
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.providers import service as providers_service
 from pocketllm.providers.catalogue import ProviderTarget
@@ -398,6 +399,10 @@ class ReplyGenerator:
             failure: PocketLLMError = ProviderRequestFailed(error.message)
         elif isinstance(error, PocketLLMError):
             failure = error
+        elif isinstance(error, sqlalchemy.exc.TimeoutError):
+            # No pooled connection became free in time to store the reply: the server is overloaded.
+            log.warning("database.pool_timeout", chat_id=str(record.chat_id))
+            failure = DatabaseBusy()
         else:
             log.exception("chat.reply.crashed", chat_id=str(record.chat_id), exc_info=error)
             failure = ReplyFailed()
