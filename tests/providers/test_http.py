@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.cookiejar import CookieJar
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,8 @@ async def test_cookie_added_by_code_not_sent(tmp_path: Path, fake_provider: Fake
     store.update({"added": "by-update"})
     store["assigned"] = "by-item"
     store.set("set", "by-set")
+    with pytest.raises(TypeError):
+        store.jar = CookieJar()
     try:
         await list_models(runtime.http, fake_provider)
     finally:

@@ -280,10 +280,18 @@ class _NoCookieJar(CookieJar):
 
 
 class _NoCookies(httpx.Cookies):
-    """A cookie store that keeps no cookie, and so sends none."""
+    """A cookie store that keeps no cookie, and so sends none. Its jar cannot be replaced."""
 
     def __init__(self) -> None:
-        super().__init__(_NoCookieJar())
+        self._jar = _NoCookieJar()
+
+    @property
+    def jar(self) -> CookieJar:
+        return self._jar
+
+    @jar.setter
+    def jar(self, jar: CookieJar) -> None:
+        raise TypeError("This cookie store keeps no cookies.")
 
     def extract_cookies(self, response: httpx.Response) -> None:
         """Ignore the response's Set-Cookie headers without parsing them."""
