@@ -341,6 +341,21 @@ async def test_sign_in_returns_working_session(
     assert password_grant.headers["apikey"] == ANON_KEY
 
 
+async def test_gotrue_cookie_not_sent_for_other_user(
+    client: httpx.AsyncClient, gotrue: FakeGoTrue, unique_email: str
+) -> None:
+    other_email = "other-" + unique_email
+    await sign_up(client, unique_email)
+    await sign_up(client, other_email)
+    gotrue.set_cookie = "affinity=first-user; Path=/"
+
+    first = await sign_in(client, unique_email)
+    second = await sign_in(client, other_email)
+
+    assert first.status_code == second.status_code == 200
+    assert [grant.headers.get("cookie") for grant in gotrue.requests_to("/auth/v1/token")] == [None, None]
+
+
 async def test_sign_in_creates_missing_local_account(
     client: httpx.AsyncClient, database: Database, gotrue: FakeGoTrue, unique_email: str
 ) -> None:

@@ -149,6 +149,8 @@ class FakeGoTrue:
         self.retry_after: str | None = None
         self.legacy_errors = False
         self.signing_algorithm = "HS256"
+        # When set, token responses carry this Set-Cookie header, as a load balancer in front of GoTrue might add.
+        self.set_cookie: str | None = None
         # Set when a request has been recorded, before the slow-response switch delays it.
         self.request_received = threading.Event()
         with self._lock:
@@ -331,10 +333,14 @@ class FakeGoTrue:
         assert body is not None
         grant_type = request.query_params.get("grant_type")
         if grant_type == "password":
-            return self._password_grant(body)
-        if grant_type == "refresh_token":
-            return self._refresh_grant(body)
-        return self._error(400, "validation_failed", "unsupported_grant_type", oauth_error="unsupported_grant_type")
+            response = self._password_grant(body)
+        elif grant_type == "refresh_token":
+            response = self._refresh_grant(body)
+        else:
+            return self._error(400, "validation_failed", "unsupported_grant_type", oauth_error="unsupported_grant_type")
+        if self.set_cookie is not None:
+            response.headers["Set-Cookie"] = self.set_cookie
+        return response
 
     def _password_grant(self, body: dict[str, Any]) -> Response:
         with self._lock:

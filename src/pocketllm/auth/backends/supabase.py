@@ -56,6 +56,7 @@ from pocketllm.errors import (
     UpstreamError,
 )
 from pocketllm.models import AuthSession, Profile, User
+from pocketllm.providers.network import ProviderClient
 from pocketllm.referrals import service as referrals
 
 log = structlog.get_logger(__name__)
@@ -167,7 +168,9 @@ class GoTrueClient:
         self._timeout_seconds = settings.supabase_timeout_seconds
         # A client passed in belongs to the caller, who also closes it.
         self._owns_http_client = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=settings.supabase_timeout_seconds, follow_redirects=False)
+        # One client serves every user, so like the provider clients it keeps no cookies: a cookie that GoTrue
+        # or a proxy in front of it sets for one user's request must not go out with another user's.
+        self._http = http_client or ProviderClient(timeout=settings.supabase_timeout_seconds, follow_redirects=False)
 
     async def sign_up(self, email: str, password: str, full_name: str | None) -> GoTrueSession | GoTrueUser:
         """Create a GoTrue user. Returns only the user when GoTrue requires e-mail confirmation first."""
