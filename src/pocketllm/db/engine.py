@@ -64,15 +64,14 @@ def create_engine(
     database_url: str, *, pool_size: int = 20, max_overflow: int = 0, pool_timeout: float = 30.0
 ) -> AsyncEngine:
     url = make_url(database_url)
+    pool: dict[str, Any] = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
     if url.get_backend_name() == "sqlite":
         _create_private_file(url.database)
-        # SQLAlchemy gives a file database a queue pool, whose default of 5 connections and 10 more closed on
-        # return opened a connection (and its aiosqlite thread) for each request past five under steady
-        # load. An in-memory database gets a static pool, which takes no size.
-        in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-        pool: dict[str, Any] = {}
-        if not in_memory:
-            pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
+        # SQLAlchemy gives a file database a queue pool. Its own default of 5 connections, plus 10 that are
+        # closed on return, opened a connection and its aiosqlite thread for each request past the fifth.
+        # An in-memory database gets a static pool, which takes no size.
+        if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+            pool = {}
         engine = create_async_engine(url, hide_parameters=True, **pool)
         use_one_trip_connections(engine)
         _configure_sqlite(engine)
@@ -81,10 +80,8 @@ def create_engine(
         url,
         # Error messages would otherwise quote bound values: encrypted keys, prompts, names.
         hide_parameters=True,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_timeout=pool_timeout,
         pool_recycle=1800,
+        **pool,
     )
     _skip_closed_connections(engine)
     return engine
