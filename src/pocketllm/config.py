@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("pocketllm-data")
     database_url: str | None = None
     # Connections past the pool are closed as soon as they are returned, so under steady load each request
-    # would open one anew (several milliseconds of CPU with asyncpg). The default keeps the whole budget
-    # of 20 connections in the pool instead; requests past it wait for a free connection.
+    # would open one anew (several milliseconds of CPU with asyncpg). So the whole budget of 20 connections
+    # is pooled by default, and requests past it wait for a free connection.
     database_pool_size: int = Field(default=20, ge=1, le=200)
     database_max_overflow: int = Field(default=0, ge=0, le=200)
     # How long a request waits for a free pooled connection before it gets 503 `database_busy`.

@@ -87,7 +87,7 @@ class DatabaseBusy(ServiceUnavailable):
     """Every pooled database connection stayed in use for DATABASE_POOL_TIMEOUT_SECONDS."""
 
     code = "database_busy"
-    default_message = "The server's database connections are all in use; try again in a moment."
+    default_message = "The server's database connections are all in use. Try again in a moment."
 
     def __init__(self) -> None:
         super().__init__(headers={"Retry-After": "1"})

@@ -960,7 +960,7 @@ class TestHardening:
     [{"allow_private_provider_urls": True, "database_pool_size": 1, "database_pool_timeout_seconds": 0.2}],
 )
 @pytest.mark.parametrize("stream", [False, True])
-async def test_reply_store_without_free_connection_is_503(
+async def test_busy_pool_reply_gets_503(
     app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, stream: bool
 ) -> None:
     await setup_openai_model(client, headers, fake_provider)
@@ -969,7 +969,8 @@ async def test_reply_store_without_free_connection_is_503(
     sending = asyncio.create_task(send(client, headers, chat["id"], stream=stream))
     await asyncio.to_thread(fake_provider.wait_for_requests, "/chat/completions")
 
-    # The provider responds while the test holds the only pooled connection, so the reply cannot be stored.
+    # The provider responds while the test has the only pooled connection checked out, so the reply cannot
+    # be stored.
     async with app.state.database.read_connection():
         fake_provider.reset()
         response = await sending

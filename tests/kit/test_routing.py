@@ -60,7 +60,7 @@ async def test_route_found_under_root_path() -> None:
     assert found.json() == {"thing_id": "7"}
 
 
-async def test_prefix_with_path_parameter_gets_full_check() -> None:
+async def test_path_parameter_prefix_fully_checked() -> None:
     async with client_for(make_app("/v1/users/{user_id}/things")) as client:
         found = await client.get("/v1/users/42/things/7")
 

@@ -524,7 +524,7 @@ async def test_check_allows_private_literal_when_private_allowed(url: str, reaso
     assert target.host_is_ip_address
 
 
-async def test_check_of_same_private_literal_follows_each_guard() -> None:
+async def test_cached_literal_follows_each_guard() -> None:
     # The parsed URL is cached across guards; whether private addresses are allowed is not part of it.
     allowing = OutboundGuard(allow_private=True, resolver=unused_resolver)
     blocking = OutboundGuard(allow_private=False, resolver=unused_resolver)

@@ -40,8 +40,8 @@ async def get_current_user(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise NotAuthenticated()
-    # The backend comes from the app's state directly: as a dependency of its own, FastAPI would resolve
-    # it on every authenticated request.
+    # The backend comes from the app's state directly, because as a dependency of its own FastAPI would
+    # resolve it on every authenticated request.
     backend: AuthBackend = request.app.state.auth_backend
     principal = await backend.authenticate(credentials.credentials)
     structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))

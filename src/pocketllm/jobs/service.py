@@ -248,7 +248,7 @@ async def create_image_job(
 
     With an idempotency key already used for the same request, the existing job is returned instead.
     The reads and the insert run in two short transactions, and ImageRouter's model list is fetched
-    between them, so that a slow provider holds no database connection and, on SQLite, not the write lock.
+    between them, so that no database connection, and on SQLite not the write lock, waits for a slow provider.
     """
     if job_type != IMAGE_GENERATION:
         raise UnsupportedJobType()

@@ -168,7 +168,7 @@ class GoTrueClient:
         self._timeout_seconds = settings.supabase_timeout_seconds
         # A client passed in belongs to the caller, who also closes it.
         self._owns_http_client = http_client is None
-        # One client serves every user, so like the provider clients it keeps no cookies: a cookie that GoTrue
+        # One client serves every user, so it keeps no cookies, like the provider clients. A cookie that GoTrue
         # or a proxy in front of it sets for one user's request must not go out with another user's.
         self._http = http_client or ProviderClient(timeout=settings.supabase_timeout_seconds, follow_redirects=False)
 
