@@ -13,6 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import derive_title
 from pocketllm.chats.schemas import ChatSummary, Message
+from pocketllm.db.driver_reads import DriverQuery, DriverRow
 from pocketllm.db.types import AnyRow, attribute_columns, utcnow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.service import ModelConfigNotFound
@@ -49,7 +50,7 @@ def parse_id(raw: str | None, error: type[NotFound]) -> uuid.UUID:
 # Columns rather than Chat objects: building ORM objects for 50 chats took about a fifth of the request's CPU.
 # The columns of a ChatSummary, with last_sequence as its message count.
 _SUMMARY_COLUMNS = (Chat.id, Chat.title, Chat.model_config_id, Chat.created_at, Chat.updated_at, Chat.last_sequence)
-_LIST_CHATS = (
+_LIST_CHATS = DriverQuery(
     select(*_SUMMARY_COLUMNS)
     .where(Chat.user_id == bindparam("p_user_id"))
     # The id breaks ties between chats updated in the same instant, so pages never overlap.
@@ -59,17 +60,19 @@ _LIST_CHATS = (
 )
 
 
-_READ_CHAT = select(*_SUMMARY_COLUMNS).where(Chat.id == bindparam("p_chat_id"), Chat.user_id == bindparam("p_user_id"))
+_READ_CHAT = DriverQuery(
+    select(*_SUMMARY_COLUMNS).where(Chat.id == bindparam("p_chat_id"), Chat.user_id == bindparam("p_user_id"))
+)
 
 
-async def list_chats(session: Connectable, user_id: uuid.UUID, *, limit: int, offset: int) -> list[ChatSummary]:
-    result = await session.execute(_LIST_CHATS, {"p_user_id": user_id, "p_limit": limit, "p_offset": offset})
-    return [ChatSummary.from_row(row, row.last_sequence) for row in result]
+async def list_chats(connection: AsyncConnection, user_id: uuid.UUID, *, limit: int, offset: int) -> list[ChatSummary]:
+    rows = await _LIST_CHATS.all(connection, {"p_user_id": user_id, "p_limit": limit, "p_offset": offset})
+    return [ChatSummary.from_row(row, row.last_sequence) for row in rows]
 
 
-async def read_chat(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> AnyRow:
+async def read_chat(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> DriverRow:
     """Return the user's chat as a row with the columns of the chat list, or raise ChatNotFound."""
-    row = (await connection.execute(_READ_CHAT, {"p_user_id": user_id, "p_chat_id": chat_id})).first()
+    row = await _READ_CHAT.first(connection, {"p_user_id": user_id, "p_chat_id": chat_id})
     if row is None:
         raise ChatNotFound()
     return row
@@ -294,7 +297,7 @@ async def list_messages(
 _FAILED_USER_MESSAGE = and_(
     StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
 )
-_RECENT_HISTORY = (
+_RECENT_HISTORY = DriverQuery(
     select(StoredMessage.role, StoredMessage.content)
     .where(
         StoredMessage.chat_id == bindparam("p_chat_id"),
@@ -306,11 +309,11 @@ _RECENT_HISTORY = (
 )
 
 
-async def recent_history(session: Connectable, chat_id: uuid.UUID, *, before: int) -> Sequence[tuple[str, str]]:
+async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, before: int) -> Sequence[tuple[str, str]]:
     """Load the (role, content) pairs of the messages before sequence `before`, newest first, at most
     HISTORY_LIMIT of them, without user messages whose reply failed."""
-    rows = await session.execute(_RECENT_HISTORY, {"p_chat_id": chat_id, "p_before": before})
-    return rows.all()
+    rows: list[tuple[str, str]] = await _RECENT_HISTORY.all(connection, {"p_chat_id": chat_id, "p_before": before})
+    return rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +332,7 @@ class ReplyModel:
 
 # The chat's own model configuration sorts before the user's default, so one row answers both questions.
 # Columns, not ORM objects, so that the reply path needs no ORM session.
-_REPLY_MODEL = (
+_REPLY_MODEL = DriverQuery(
     select(
         Chat.id,
         ModelConfig.id,
@@ -362,10 +365,10 @@ _REPLY_MODEL = (
 )
 
 
-async def resolve_model(session: Connectable, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
+async def resolve_model(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
     """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
     provider. Raises ChatNotFound when the user has no such chat."""
-    row = (await session.execute(_REPLY_MODEL, {"p_chat_id": chat_id, "p_user_id": user_id})).one_or_none()
+    row = await _REPLY_MODEL.first(connection, {"p_chat_id": chat_id, "p_user_id": user_id})
     if row is None:
         raise ChatNotFound()
     (

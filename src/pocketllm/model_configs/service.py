@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from pocketllm.db.driver_reads import DriverQuery
 from pocketllm.db.types import AnyRow, attribute_columns
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.schemas import ModelConfiguration, ModelSettings
@@ -42,7 +43,7 @@ def parse_model_id(raw: str) -> uuid.UUID:
 # The provider's base URL comes in the same query, and no other column of the provider's row (its
 # encrypted key among them) is loaded. The configurations are read as rows named like the `ModelConfig`
 # attributes: mapped objects in a session cost about 0.2 ms more CPU per request (measured in-process).
-_LIST_SAVED = (
+_LIST_SAVED = DriverQuery(
     select(
         *attribute_columns(ModelConfig),
         ProviderConfig.base_url.label("provider_base_url"),
@@ -58,8 +59,8 @@ _LIST_SAVED = (
 
 async def list_saved(connection: AsyncConnection, user_id: uuid.UUID) -> list[ModelConfiguration]:
     """Return the user's model configurations, oldest first, each with its provider's saved base URL."""
-    result = await connection.execute(_LIST_SAVED, {"p_user_id": user_id})
-    return [to_configuration(row, row.provider_base_url) for row in result]
+    rows = await _LIST_SAVED.all(connection, {"p_user_id": user_id})
+    return [to_configuration(row, row.provider_base_url) for row in rows]
 
 
 async def get_saved(session: AsyncSession, user_id: uuid.UUID, model_id: uuid.UUID) -> ModelConfig:

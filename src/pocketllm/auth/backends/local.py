@@ -39,6 +39,7 @@ from pocketllm.auth.tokens import (
     new_refresh_token,
 )
 from pocketllm.config import Settings
+from pocketllm.db.driver_reads import DriverQuery
 from pocketllm.db.engine import Database
 from pocketllm.db.notices import NoticeListener, listener_dsn
 from pocketllm.db.types import utcnow
@@ -50,7 +51,7 @@ log = structlog.get_logger(__name__)
 
 # Runs on every authenticated request. Built once, so that each run skips building the expression and
 # looking up its compiled form.
-_SESSION_CHECK = (
+_SESSION_CHECK = DriverQuery(
     select(AuthSession.revoked_at, AuthSession.expires_at, User.email)
     .join(User, User.id == AuthSession.user_id)
     .where(AuthSession.id == bindparam("p_session_id"), AuthSession.user_id == bindparam("p_user_id"))
@@ -293,11 +294,9 @@ class LocalAuthBackend(AuthBackend):
         generation = cache.generation
         # One query, so it needs no snapshot: on PostgreSQL it runs without BEGIN and ROLLBACK.
         async with self._database.read_connection() as connection:
-            row = (
-                await connection.execute(
-                    _SESSION_CHECK, {"p_session_id": claims.session_id, "p_user_id": claims.user_id}
-                )
-            ).one_or_none()
+            row = await _SESSION_CHECK.first(
+                connection, {"p_session_id": claims.session_id, "p_user_id": claims.user_id}
+            )
         if row is None or row.revoked_at is not None:
             raise SessionRevoked()
         if row.expires_at <= utcnow():

@@ -1,0 +1,137 @@
+"""`DriverQuery` returns the rows that SQLAlchemy's own execution returns, with the same values and types,
+on both databases."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, insert, select
+
+from pocketllm.db.driver_reads import DriverQuery
+from pocketllm.db.engine import Database
+from pocketllm.db.types import attribute_columns
+from pocketllm.models import Chat, ModelConfig, User
+
+# Microseconds included, so that a conversion that drops them shows in the comparisons.
+BASE_TIME = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+SETTINGS = {"temperature": 0.2, "stop": ["\n\n"], "nested": {"name": "Zoë", "flag": True}}
+
+
+async def insert_account(database: Database) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """Insert a user with a model configuration and three chats updated a second apart, and return their ids."""
+    user = User(email=f"driver-{uuid.uuid4().hex[:10]}@example.com", last_sign_in_at=BASE_TIME)
+    config = ModelConfig(provider="openai", model="gpt-4o-mini", display_name="Mini", settings=SETTINGS)
+    async with database.transaction() as session:
+        session.add(user)
+        await session.flush()
+        config.user_id = user.id
+        session.add(config)
+        await session.flush()
+        chat_ids = [uuid.uuid4() for _ in range(3)]
+        await session.execute(
+            insert(Chat),
+            [
+                {
+                    "id": chat_id,
+                    "user_id": user.id,
+                    "title": None if index == 0 else f"Chat {index}",
+                    "model_config_id": config.id if index else None,
+                    "last_sequence": index,
+                    "created_at": BASE_TIME,
+                    "updated_at": BASE_TIME + timedelta(seconds=index),
+                }
+                for index, chat_id in enumerate(chat_ids)
+            ],
+        )
+    return user.id, chat_ids
+
+
+CHATS_WITH_MODELS = (
+    select(Chat.id, Chat.title, Chat.updated_at, *attribute_columns(ModelConfig), User.last_sign_in_at)
+    .join(User, User.id == Chat.user_id)
+    .outerjoin(ModelConfig, ModelConfig.id == Chat.model_config_id)
+    .where(Chat.user_id == bindparam("p_user_id"), Chat.updated_at >= bindparam("p_since"))
+    .order_by(Chat.updated_at.desc())
+    .limit(bindparam("p_limit"))
+)
+
+
+async def test_rows_match_sqlalchemy_execution(database: Database) -> None:
+    user_id, _ = await insert_account(database)
+    parameters: dict[str, Any] = {"p_user_id": user_id, "p_since": datetime(2000, 1, 1, tzinfo=UTC), "p_limit": 10}
+
+    async with database.read_connection() as connection:
+        expected = (await connection.execute(CHATS_WITH_MODELS, parameters)).all()
+        rows = await DriverQuery(CHATS_WITH_MODELS).all(connection, parameters)
+
+    assert len(expected) == 3
+    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+    for row, reference in zip(rows, expected, strict=True):
+        assert [type(value) for value in row] == [type(value) for value in reference]
+    newest = rows[0]
+    assert newest.settings == SETTINGS
+    assert newest.is_active is True
+    assert newest.updated_at.tzinfo is not None
+    assert rows[-1].model is None
+
+
+async def test_parameters_use_column_types(database: Database) -> None:
+    user_id, chat_ids = await insert_account(database)
+    query = DriverQuery(CHATS_WITH_MODELS)
+    async with database.read_connection() as connection:
+        since = BASE_TIME + timedelta(seconds=1, microseconds=1)
+        newest = await query.all(connection, {"p_user_id": user_id, "p_since": since, "p_limit": 10})
+        later = await query.all(connection, {"p_user_id": user_id, "p_since": BASE_TIME, "p_limit": 2})
+
+    # One microsecond after the second chat's update leaves only the third. The limit is a parameter too.
+    assert [row.id for row in newest] == [chat_ids[2]]
+    assert [row.id for row in later] == [chat_ids[2], chat_ids[1]]
+
+
+async def test_literal_limit_is_sent(database: Database) -> None:
+    user_id, _ = await insert_account(database)
+    query = DriverQuery(select(Chat.id).where(Chat.user_id == bindparam("p_user_id")).limit(1))
+    async with database.read_connection() as connection:
+        rows = await query.all(connection, {"p_user_id": user_id})
+
+    assert len(rows) == 1
+
+
+async def test_no_row_gives_none(database: Database) -> None:
+    query = DriverQuery(select(User.email).where(User.id == bindparam("p_user_id")))
+    async with database.read_connection() as connection:
+        assert await query.first(connection, {"p_user_id": uuid.uuid4()}) is None
+
+
+async def test_reads_see_the_same_transaction(database: Database) -> None:
+    user_id, _ = await insert_account(database)
+    chat_id = uuid.uuid4()
+    query = DriverQuery(select(Chat.title).where(Chat.id == bindparam("p_chat_id")))
+    async with database.statements() as connection:
+        await connection.execute(insert(Chat).values(id=chat_id, user_id=user_id, title="Written first"))
+        row = await query.first(connection, {"p_chat_id": chat_id})
+
+    assert row is not None
+    assert row.title == "Written first"
+
+
+async def test_duplicate_names_keep_positions(database: Database) -> None:
+    user_id, chat_ids = await insert_account(database)
+    query = DriverQuery(
+        select(Chat.id, User.id).join(User, User.id == Chat.user_id).where(Chat.id == bindparam("p_chat_id"))
+    )
+    async with database.read_connection() as connection:
+        row = await query.first(connection, {"p_chat_id": chat_ids[0]})
+
+    assert row is not None
+    assert tuple(row) == (chat_ids[0], user_id)
+
+
+async def test_list_parameter_raises(database: Database) -> None:
+    query = DriverQuery(select(User.id).where(User.id.in_([uuid.uuid4(), uuid.uuid4()])))
+    async with database.read_connection() as connection:
+        with pytest.raises(ValueError, match="does not compile to final SQL"):
+            await query.all(connection, {})
