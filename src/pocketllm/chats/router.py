@@ -15,7 +15,7 @@ from pocketllm.auth.dependencies import CurrentUser
 from pocketllm.chats import service
 from pocketllm.chats.replies import PreparedReply, ReplyGenerator, ReplyInterrupted, stream_items
 from pocketllm.chats.schemas import ChatCreate, ChatSummary, ChatUpdate, ChatWithMessages, Message, MessageCreate
-from pocketllm.db.dependencies import DbReader, DbSession
+from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.errors import NotAuthenticated, PocketLLMError, RateLimited, UnparsableBody, error_responses
 from pocketllm.kit.ratelimit import Limiter
 from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
@@ -68,12 +68,13 @@ def get_replies(request: Request) -> ReplyGenerator:
 @router.get("", response_model=list[ChatSummary], responses=error_responses(NotAuthenticated))
 async def list_chats(
     user: CurrentUser,
-    connection: DbReader,
+    database: Db,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ChatSummary]:
     """List the caller's chats, most recently updated first."""
-    return await service.list_chats(connection, user.user_id, limit=limit, offset=offset)
+    async with database.read_connection() as connection:
+        return await service.list_chats(connection, user.user_id, limit=limit, offset=offset)
 
 
 @router.post(
@@ -103,10 +104,12 @@ async def create_chat(user: CurrentUser, session: DbSession, payload: ChatCreate
 @router.get(
     "/{chat_id}", response_model=ChatWithMessages, responses=error_responses(NotAuthenticated, service.ChatNotFound)
 )
-async def get_chat(chat_id: str, user: CurrentUser, connection: DbReader) -> ChatWithMessages:
+async def get_chat(chat_id: str, user: CurrentUser, database: Db) -> ChatWithMessages:
     """Return the chat and all its messages in order."""
-    chat = await service.read_chat(connection, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
-    messages = await service.list_messages(connection, chat.id, up_to=chat.last_sequence)
+    parsed_chat_id = service.parse_id(chat_id, service.ChatNotFound)
+    async with database.read_connection() as connection:
+        chat = await service.read_chat(connection, user.user_id, parsed_chat_id)
+        messages = await service.list_messages(connection, chat.id, up_to=chat.last_sequence)
     return ChatWithMessages(
         chat=ChatSummary.from_row(chat, chat.last_sequence), messages=[Message.from_row(m) for m in messages]
     )
@@ -157,13 +160,15 @@ async def delete_chat(chat_id: str, user: CurrentUser, session: DbSession) -> Re
 async def list_messages(
     chat_id: str,
     user: CurrentUser,
-    connection: DbReader,
+    database: Db,
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[Message]:
     """List the chat's messages in order."""
-    chat = await service.read_chat(connection, user.user_id, service.parse_id(chat_id, service.ChatNotFound))
-    messages = await service.list_messages(connection, chat.id, limit=limit, offset=offset)
+    parsed_chat_id = service.parse_id(chat_id, service.ChatNotFound)
+    async with database.read_connection() as connection:
+        chat = await service.read_chat(connection, user.user_id, parsed_chat_id)
+        messages = await service.list_messages(connection, chat.id, limit=limit, offset=offset)
     return [Message.from_row(m) for m in messages]
 
 

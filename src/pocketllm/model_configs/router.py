@@ -9,7 +9,7 @@ from fastapi import Body, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm.auth.dependencies import CurrentUser
-from pocketllm.db.dependencies import Db, DbReader, DbSession
+from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.errors import InvalidInput, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
 from pocketllm.model_configs import service
@@ -74,9 +74,10 @@ async def catalogue(
 
 
 @router.get("/saved", response_model=list[ModelConfiguration], responses=error_responses(NotAuthenticated))
-async def list_saved(user: CurrentUser, connection: DbReader) -> list[ModelConfiguration]:
+async def list_saved(user: CurrentUser, database: Db) -> list[ModelConfiguration]:
     """List the caller's saved model configurations, oldest first."""
-    return await service.list_saved(connection, user.user_id)
+    async with database.read_connection() as connection:
+        return await service.list_saved(connection, user.user_id)
 
 
 @router.post(

@@ -12,7 +12,7 @@ from fastapi import File, Request, UploadFile
 
 from pocketllm.auth import service as auth_service
 from pocketllm.auth.dependencies import CurrentUser
-from pocketllm.db.dependencies import Db, DbReader, DbSession
+from pocketllm.db.dependencies import Db, DbSession
 from pocketllm.db.types import AnyRow
 from pocketllm.errors import Forbidden, NotAuthenticated, UnparsableBody, error_responses
 from pocketllm.kit.routing import JsonBodyRoute, PrefixRouter
@@ -57,9 +57,10 @@ async def _delete_file(request: Request, key: str | None) -> None:
 @router.get(
     "/profile", response_model=UserProfile, responses=error_responses(NotAuthenticated, service.ProfileNotFound)
 )
-async def get_profile(user: CurrentUser, connection: DbReader, request: Request) -> UserProfile:
+async def get_profile(user: CurrentUser, database: Db, request: Request) -> UserProfile:
     """Return the caller's profile."""
-    row = await service.read_profile(connection, user.user_id)
+    async with database.read_connection() as connection:
+        row = await service.read_profile(connection, user.user_id)
     return render_profile(request, row, row)
 
 
@@ -190,7 +191,7 @@ async def cancel_deletion(user: CurrentUser, session: DbSession, request: Reques
     response_model=UserProfile,
     responses=error_responses(NotAuthenticated, Forbidden, service.ProfileNotFound),
 )
-async def get_user(user_id: str, user: CurrentUser, connection: DbReader, request: Request) -> Any:
+async def get_user(user_id: str, user: CurrentUser, database: Db, request: Request) -> Any:
     """Return a profile by id; only the caller's own profile may be read."""
     try:
         requested = uuid.UUID(user_id)
@@ -198,5 +199,6 @@ async def get_user(user_id: str, user: CurrentUser, connection: DbReader, reques
         requested = None
     if requested != user.user_id:
         raise Forbidden("You can only read your own profile.")
-    row = await service.read_profile(connection, user.user_id)
+    async with database.read_connection() as connection:
+        row = await service.read_profile(connection, user.user_id)
     return render_profile(request, row, row)
