@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Executable, Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import derive_title
 from pocketllm.chats.schemas import ChatSummary, Message
-from pocketllm.db.driver_reads import DriverQuery, DriverRow
+from pocketllm.db.driver_query import DriverQuery, DriverRow
 from pocketllm.db.types import AnyRow, attribute_columns, utcnow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.service import ModelConfigNotFound
@@ -178,15 +179,40 @@ def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
 
 _NEXT_SEQUENCE = _next_sequence_statement(name_chat=False)
 _NEXT_SEQUENCE_NAMING_CHAT = _next_sequence_statement(name_chat=True)
-_INSERT_MESSAGE = insert(_messages)
+# Every column is named, so that neither SQLAlchemy nor DriverQuery fills in a default.
+_INSERT_MESSAGE = insert(_messages).values({column.key: bindparam(f"p_{column.key}") for column in _messages.columns})
 _NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
 _NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
+# The same statements for the driver's own call, used on the plain connection of `Database.statements()`.
+_ON_DRIVER: dict[Executable, DriverQuery] = {
+    statement: DriverQuery(statement, writes=True)
+    for statement in (
+        _NEXT_SEQUENCE,
+        _NEXT_SEQUENCE_NAMING_CHAT,
+        _INSERT_MESSAGE,
+        _NUMBERED_INSERT,
+        _NUMBERED_INSERT_NAMING_CHAT,
+    )
+}
 
 
 def _dialect_name(session: Connectable) -> str:
     if isinstance(session, AsyncConnection):
         return session.dialect.name
     return session.get_bind().dialect.name
+
+
+async def _execute_one(session: Connectable, statement: Executable, parameters: dict[str, Any]) -> Any:
+    """Run one of append_message's statements and return its first row, or None when it returns none.
+
+    A plain connection runs it with the driver's own call (DriverQuery), a session through SQLAlchemy.
+    """
+    if isinstance(session, AsyncConnection):
+        return await _ON_DRIVER[statement].first(session, parameters)
+    result = await session.execute(statement, parameters)
+    if isinstance(result, CursorResult) and not result.returns_rows:
+        return None
+    return result.first()
 
 
 async def append_message(
@@ -223,23 +249,24 @@ async def append_message(
         parameters.update(p_id=message_id, p_role=role, p_content=content, p_status=status, p_metadata=metadata)
     else:
         statement = _NEXT_SEQUENCE_NAMING_CHAT if name_chat else _NEXT_SEQUENCE
-    row = (await session.execute(statement, parameters)).one_or_none()
+    row = await _execute_one(session, statement, parameters)
     if row is None:
         raise ChatNotFound()
     sequence, title = row
 
     if not inserted_with_number:
-        await session.execute(
+        await _execute_one(
+            session,
             _INSERT_MESSAGE,
             {
-                "id": message_id,
-                "chat_id": chat_id,
-                "sequence": sequence,
-                "role": role,
-                "content": content,
-                "status": status,
-                "metadata": metadata,
-                "created_at": now,
+                "p_id": message_id,
+                "p_chat_id": chat_id,
+                "p_sequence": sequence,
+                "p_role": role,
+                "p_content": content,
+                "p_status": status,
+                "p_metadata": metadata,
+                "p_created_at": now,
             },
         )
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from pocketllm.db.driver_reads import DriverQuery
+from pocketllm.db.driver_query import DriverQuery
 from pocketllm.db.types import AnyRow, attribute_columns
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.schemas import ModelConfiguration, ModelSettings

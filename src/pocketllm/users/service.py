@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from pocketllm.db.driver_reads import DriverQuery, DriverRow
+from pocketllm.db.driver_query import DriverQuery, DriverRow
 from pocketllm.db.engine import Database
 from pocketllm.db.types import attribute_columns, utcnow
 from pocketllm.errors import Conflict, NotFound

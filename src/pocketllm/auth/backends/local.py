@@ -39,7 +39,7 @@ from pocketllm.auth.tokens import (
     new_refresh_token,
 )
 from pocketllm.config import Settings
-from pocketllm.db.driver_reads import DriverQuery
+from pocketllm.db.driver_query import DriverQuery
 from pocketllm.db.engine import Database
 from pocketllm.db.notices import NoticeListener, listener_dsn
 from pocketllm.db.types import utcnow

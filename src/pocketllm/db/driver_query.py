@@ -1,4 +1,4 @@
-"""`DriverQuery`: a Core SELECT that SQLAlchemy compiles once and the database driver runs directly.
+"""`DriverQuery`: a Core statement that SQLAlchemy compiles once and the database driver runs directly.
 
 SQLAlchemy's execution layer (its execution context, result metadata and the greenlet hand-offs of its
 asyncio extension) took about 160 µs of CPU per statement on PostgreSQL in-process, against about 80 µs
@@ -7,9 +7,15 @@ routes, use this class instead. SQLAlchemy still checks out the pooled connectio
 converts every value with its column types. So the rows contain the values that `connection.execute()`
 would return, and only the statement's execution skips SQLAlchemy.
 
-It runs SELECT statements whose parameters are `bindparam`s or plain values, on PostgreSQL (asyncpg) and
-SQLite (aiosqlite). A statement that SQLAlchemy finishes at execution time, such as `in_()` with a list,
-raises ValueError when it first runs.
+It runs SELECT, INSERT and UPDATE statements whose parameters are `bindparam`s or plain values, on
+PostgreSQL (asyncpg) and SQLite (aiosqlite). A statement that SQLAlchemy finishes at execution time, such
+as `in_()` with a list, raises ValueError when it first runs. SQLAlchemy does not begin a transaction for
+these statements. So a statement that writes runs only where that is what the caller expects: on an
+autocommit connection on PostgreSQL, and inside a transaction that has begun on SQLite. Both are what
+`Database.statements()` yields.
+
+Errors come from the driver as they are (asyncpg's or sqlite3's exceptions), not wrapped in SQLAlchemy's
+DBAPIError.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from sqlalchemy import Select
+from sqlalchemy import Insert, Select, Update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pocketllm.db.engine import SQLITE_BEGIN_OPTION, SQLITE_NO_BEGIN
 
 Processor = Callable[[Any], Any] | None
 # A row read by attribute name or position, like a SQLAlchemy Row: a named tuple of the statement's columns.
@@ -34,6 +42,7 @@ class _Plan:
 
     sql: str
     parameter_names: tuple[str, ...]
+    # Values written in the statement itself, such as a literal LIMIT. Names without one are required.
     defaults: Mapping[str, Any]
     bind_processors: tuple[Processor, ...]
     row_type: Callable[..., tuple[Any, ...]]
@@ -41,19 +50,24 @@ class _Plan:
 
 
 class DriverQuery:
-    """A SELECT run with the driver's own call on a connection that SQLAlchemy checked out.
+    """A statement run with the driver's own call on a connection that SQLAlchemy checked out.
 
-    Rows are named tuples whose field names are the statement's column keys, so `row.email` reads as it
-    does on a SQLAlchemy row.
+    Rows are named tuples whose field names are the statement's column keys (its RETURNING columns for an
+    INSERT or UPDATE), so `row.email` reads as it does on a SQLAlchemy row. Pass `writes=True` for a
+    statement that changes rows, including a SELECT with a data-modifying CTE, so that the connection is
+    checked as described in the module's docstring.
     """
 
-    def __init__(self, statement: Select[*tuple[Any, ...]]) -> None:
+    def __init__(self, statement: Select[*tuple[Any, ...]] | Insert | Update, *, writes: bool | None = None) -> None:
         self._statement = statement
+        self._writes = not isinstance(statement, Select) if writes is None else writes
         self._plans: dict[str, _Plan] = {}
 
     async def all(self, connection: AsyncConnection, parameters: Mapping[str, Any]) -> list[DriverRow]:
         """Run the statement and return every row."""
         plan = self._plans.get(connection.dialect.name) or self._plan(connection.dialect)
+        if self._writes:
+            _check_write_context(connection)
         arguments = _arguments(plan, parameters)
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
@@ -84,21 +98,33 @@ class DriverQuery:
                 "DriverQuery cannot run this statement because it does not compile to final SQL with positional "
                 "parameters (an in_() list, for example). Run it with connection.execute() instead."
             )
+
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            # SQLAlchemy computes these columns' Python-side defaults (such as an `onupdate` timestamp) in
+            # its execution context, which this class skips, so they would be written as NULL.
+            filled = ", ".join(sorted(column.key for column in [*compiled.insert_prefetch, *compiled.update_prefetch]))
+            raise ValueError(
+                f"DriverQuery cannot run this statement because SQLAlchemy would fill in the columns {filled} "
+                "at execution time. Set them in the statement's values()."
+            )
+
         names = tuple(compiled.positiontup)
         bind_processors = tuple(
             compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
         )
-        columns = list(self._statement.selected_columns)
+
+        columns = list(self._statement.exported_columns)
         row_class: Any = namedtuple("Row", [str(column.key) for column in columns], rename=True)  # type: ignore[misc]
         result_processors = []
         for index, column in enumerate(columns):
             processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
             if processor is not None:
                 result_processors.append((index, processor))
+
         plan = _Plan(
             sql=sql,
             parameter_names=names,
-            defaults=compiled.params,
+            defaults={name: compiled.binds[name].value for name in names if not compiled.binds[name].required},
             bind_processors=bind_processors,
             row_type=row_class._make,
             result_processors=tuple(result_processors),
@@ -107,10 +133,31 @@ class DriverQuery:
         return plan
 
 
+def _check_write_context(connection: AsyncConnection) -> None:
+    sync_connection = connection.sync_connection
+    options = sync_connection.get_execution_options() if sync_connection is not None else {}
+    if connection.dialect.name == "postgresql":
+        if options.get("isolation_level") != "AUTOCOMMIT":
+            raise ValueError(
+                "DriverQuery writes on PostgreSQL only in autocommit mode, because SQLAlchemy would not have "
+                "begun the transaction for it. Use Database.statements() or connection.execute()."
+            )
+    elif not connection.in_transaction() or options.get(SQLITE_BEGIN_OPTION) == SQLITE_NO_BEGIN:
+        raise ValueError(
+            "DriverQuery writes on SQLite only inside a transaction that has begun. "
+            "Use Database.statements() or connection.execute()."
+        )
+
+
 def _arguments(plan: _Plan, parameters: Mapping[str, Any]) -> list[Any]:
     arguments = []
     for name, processor in zip(plan.parameter_names, plan.bind_processors, strict=True):
-        value = parameters[name] if name in parameters else plan.defaults[name]
+        if name in parameters:
+            value = parameters[name]
+        elif name in plan.defaults:
+            value = plan.defaults[name]
+        else:
+            raise ValueError(f"DriverQuery is missing a value for the parameter {name!r}. Pass it in `parameters`.")
         arguments.append(value if processor is None else processor(value))
     return arguments
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 
-from pocketllm.db.driver_reads import DriverQuery
+from pocketllm.db.driver_query import DriverQuery
 from pocketllm.db.engine import Database
 from pocketllm.db.types import attribute_columns
 from pocketllm.models import Chat, ModelConfig, User
@@ -135,3 +135,69 @@ async def test_list_parameter_raises(database: Database) -> None:
     async with database.read_connection() as connection:
         with pytest.raises(ValueError, match="does not compile to final SQL"):
             await query.all(connection, {})
+
+
+RENAME_CHAT = DriverQuery(
+    update(Chat)
+    .where(Chat.id == bindparam("p_chat_id"))
+    .values(title=bindparam("p_title"), updated_at=BASE_TIME)
+    .returning(Chat.title)
+)
+
+
+async def read_title(database: Database, chat_id: uuid.UUID) -> str | None:
+    async with database.read_connection() as connection:
+        return await connection.scalar(select(Chat.title).where(Chat.id == chat_id))
+
+
+async def test_write_returns_its_rows(database: Database) -> None:
+    _, chat_ids = await insert_account(database)
+    async with database.statements() as connection:
+        row = await RENAME_CHAT.first(connection, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+
+    assert row is not None
+    assert row.title == "Renamed"
+    assert await read_title(database, chat_ids[0]) == "Renamed"
+
+
+async def test_write_rolls_back_with_its_block(database: Database) -> None:
+    _, chat_ids = await insert_account(database)
+
+    async def rename_then_fail() -> None:
+        async with database.statements() as connection:
+            await RENAME_CHAT.first(connection, {"p_chat_id": chat_ids[1], "p_title": "Renamed"})
+            raise RuntimeError("failed after the write")
+
+    with pytest.raises(RuntimeError, match="after the write"):
+        await rename_then_fail()
+
+    # SQLite's block is one transaction, so the write is undone. PostgreSQL's committed it on its own.
+    expected = "Renamed" if database.dialect == "postgresql" else "Chat 1"
+    assert await read_title(database, chat_ids[1]) == expected
+
+
+async def test_write_outside_statements_raises(database: Database) -> None:
+    _, chat_ids = await insert_account(database)
+    async with database.engine.connect() as connection:
+        with pytest.raises(ValueError, match="writes on"):
+            await RENAME_CHAT.first(connection, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+
+    assert await read_title(database, chat_ids[0]) is None
+
+
+async def test_missing_parameter_raises(database: Database) -> None:
+    query = DriverQuery(select(User.email).where(User.id == bindparam("p_user_id")))
+    async with database.read_connection() as connection:
+        with pytest.raises(ValueError, match="missing a value for the parameter 'p_user_id'"):
+            await query.all(connection, {})
+
+
+async def test_python_side_default_raises(database: Database) -> None:
+    _, chat_ids = await insert_account(database)
+    # Chat.updated_at has an `onupdate` default, which SQLAlchemy computes at execution time.
+    query = DriverQuery(update(Chat).where(Chat.id == bindparam("p_chat_id")).values(title=bindparam("p_title")))
+    async with database.statements() as connection:
+        with pytest.raises(ValueError, match="fill in the columns updated_at"):
+            await query.all(connection, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+
+    assert await read_title(database, chat_ids[0]) is None
