@@ -9,9 +9,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import bindparam, event, select, text
 from sqlalchemy.engine import make_url
 
+from pocketllm.db.driver_query import DriverQuery
 from pocketllm.db.engine import Database, create_engine
 from pocketllm.models import User
 
@@ -40,6 +41,17 @@ async def test_single_reads_send_no_begin(database: Database) -> None:
             await session.execute(select(User.id))
 
     assert statements == ["SELECT", "SELECT"]
+
+
+async def test_driver_connection_sends_no_begin(database: Database) -> None:
+    query = DriverQuery(select(User.id).where(User.email == bindparam("p_email")))
+    with sent_statements(database) as statements:
+        async with database.driver_connection() as connection:
+            await query.all(connection, {"p_email": "nobody@example.com"})
+
+    assert statements == ["SELECT"]
+    # The connection went back to the pool.
+    assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

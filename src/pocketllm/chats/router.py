@@ -73,7 +73,7 @@ async def list_chats(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ChatSummary]:
     """List the caller's chats, most recently updated first."""
-    async with database.read_connection() as connection:
+    async with database.driver_connection() as connection:
         return await service.list_chats(connection, user.user_id, limit=limit, offset=offset)
 
 

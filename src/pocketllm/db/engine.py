@@ -188,6 +188,24 @@ class Database:
             await connection.execution_options(**self._single_read_options())
             yield connection
 
+    @asynccontextmanager
+    async def driver_connection(self) -> AsyncIterator[AsyncConnection]:
+        """Yield a connection for reads with DriverQuery only, which costs about 45 µs of CPU less than
+        `read_connection()` (measured in-process on both databases).
+
+        It sets no execution options, because the driver's own call ignores them. A statement run through
+        SQLAlchemy here would begin a transaction (BEGIN IMMEDIATE on SQLite, which takes the write lock),
+        so use `read_connection()` for those. The connection is closed in this task, where SQLAlchemy's
+        context manager starts a task of its own so that a cancellation cannot interrupt the close. With
+        no transaction open, closing sends nothing on PostgreSQL. On SQLite a cancellation during the
+        close's rollback makes SQLAlchemy discard the connection, and the pool opens a new one.
+        """
+        connection = await self.engine.connect()
+        try:
+            yield connection
+        finally:
+            await connection.close()
+
     def _single_read_options(self) -> dict[str, Any]:
         return _AUTOCOMMIT_OPTIONS if self.dialect == "postgresql" else _SQLITE_SINGLE_READ_OPTIONS
 

@@ -76,7 +76,7 @@ async def catalogue(
 @router.get("/saved", response_model=list[ModelConfiguration], responses=error_responses(NotAuthenticated))
 async def list_saved(user: CurrentUser, database: Db) -> list[ModelConfiguration]:
     """List the caller's saved model configurations, oldest first."""
-    async with database.read_connection() as connection:
+    async with database.driver_connection() as connection:
         return await service.list_saved(connection, user.user_id)
 
 

@@ -59,7 +59,7 @@ async def _delete_file(request: Request, key: str | None) -> None:
 )
 async def get_profile(user: CurrentUser, database: Db, request: Request) -> UserProfile:
     """Return the caller's profile."""
-    async with database.read_connection() as connection:
+    async with database.driver_connection() as connection:
         row = await service.read_profile(connection, user.user_id)
     return render_profile(request, row, row)
 
@@ -199,6 +199,6 @@ async def get_user(user_id: str, user: CurrentUser, database: Db, request: Reque
         requested = None
     if requested != user.user_id:
         raise Forbidden("You can only read your own profile.")
-    async with database.read_connection() as connection:
+    async with database.driver_connection() as connection:
         row = await service.read_profile(connection, user.user_id)
     return render_profile(request, row, row)

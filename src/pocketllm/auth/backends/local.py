@@ -292,8 +292,8 @@ class LocalAuthBackend(AuthBackend):
             return Principal(user_id=claims.user_id, email=email, session_id=claims.session_id, access_token=token)
 
         generation = cache.generation
-        # One query, so it needs no snapshot: on PostgreSQL it runs without BEGIN and ROLLBACK.
-        async with self._database.read_connection() as connection:
+        # One query with the driver's own call: no transaction, so no BEGIN and no ROLLBACK.
+        async with self._database.driver_connection() as connection:
             row = await _SESSION_CHECK.first(
                 connection, {"p_session_id": claims.session_id, "p_user_id": claims.user_id}
             )
