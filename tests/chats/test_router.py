@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, event, func, select, text, update
 
 from pocketllm.db.engine import Database
 from pocketllm.models import Chat, ModelConfig, StoredMessage
@@ -190,6 +190,34 @@ class TestChatRoutes:
         )
         assert_error(await client.delete(f"/v1/chats/{chat_id}", headers=headers), 404, "chat_not_found")
         assert_error(await send(client, headers, chat_id), 404, "chat_not_found")
+
+    async def test_chat_deleted_between_reads_is_404(
+        self, app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        chat = await new_chat(client, headers)
+        for index in range(2):
+            stored = await client.post(
+                f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": f"m{index}", "role": "assistant"}
+            )
+            assert stored.status_code == 200, stored.text
+        engine = app.state.database.engine.sync_engine
+        deleted: list[str] = []
+
+        def delete_chat_first(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+            # Runs as the message list is about to be read: another connection deletes the chat and commits.
+            if not deleted and "FROM messages" in statement and "ORDER BY messages.sequence" in statement:
+                deleted.append(chat["id"])
+                with engine.begin() as other:
+                    other.execute(delete(Chat).where(Chat.id == uuid.UUID(chat["id"])))
+
+        event.listen(engine, "before_cursor_execute", delete_chat_first)
+        try:
+            response = await client.get(f"/v1/chats/{chat['id']}", headers=headers)
+        finally:
+            event.remove(engine, "before_cursor_execute", delete_chat_first)
+
+        assert deleted == [chat["id"]]
+        assert_error(response, 404, "chat_not_found")
 
     @pytest.mark.parametrize(
         "payload",
@@ -912,11 +940,19 @@ class TestHardening:
         [
             b'{"content": "hi", "metadata": {"x": "\\ud800"}}',
             {"content": "hi", "metadata": {"x": DEEP_NESTING}},
+            b'{"content": "hi", "metadata": {"x": NaN}}',
+            b'{"content": "hi", "metadata": {"x": [1, -Infinity]}}',
+            b'{"content": "hi", "metadata": {"x": 1e400}}',
         ],
     )
     async def test_unstorable_input_is_422(
-        self, client: httpx.AsyncClient, headers: dict[str, str], payload: dict[str, Any] | bytes
+        self,
+        client: httpx.AsyncClient,
+        headers: dict[str, str],
+        fake_provider: FakeProvider,
+        payload: dict[str, Any] | bytes,
     ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
         chat = await new_chat(client, headers)
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
 
@@ -929,6 +965,24 @@ class TestHardening:
         assert response.status_code == 422, response.text
         assert response.json()["code"] == "validation_error"
         assert (await client.get(f"/v1/chats/{chat['id']}", headers=headers)).status_code == 200
+        # Nothing was stored, so the chat's history still reads.
+        later = await client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "later"})
+        assert later.status_code == 200, later.text
+
+    async def test_finite_numbers_and_nan_text_are_stored(
+        self, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        chat = await new_chat(client, headers)
+        body = b'{"role": "assistant", "content": "NaN and Infinity", "metadata": {"big": 1e300, "small": -2.5E-300}}'
+
+        response = await client.post(
+            f"/v1/chats/{chat['id']}/messages",
+            headers={**headers, "Content-Type": "application/json"},
+            content=body,
+        )
+
+        assert response.status_code == 200, response.text
+        assert response.json()["metadata"] == {"big": 1e300, "small": -2.5e-300}
 
     async def test_huge_offset_is_422(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         chat = await new_chat(client, headers)

@@ -10,6 +10,8 @@ without Content-Length is cut off as soon as the bytes received pass it.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,9 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 # Added to the AVATAR_MAX_BYTES setting for an upload: the multipart boundaries, part headers and file name.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
+# NaN and Infinity as Python's parser reads them, and exponents of three digits, which may overflow a float.
+_MAYBE_NOT_FINITE = re.compile(rb"NaN|Infinity|\d[eE][+-]?\d{3}")
+_NOT_FINITE_MESSAGE = "Numbers must be finite: NaN, Infinity and numbers beyond about 1.8e308 are not JSON"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _BODY_LIMIT_SCOPE_KEY = "pocketllm.body_limit"
 
@@ -133,11 +138,14 @@ class PrefixRouter(APIRouter):
 
 class JsonBodyRoute(APIRoute):
     """Applies the route's body size limit (413), and rejects JSON bodies with 422 when they contain
-    strings with NUL characters or unpaired surrogates, or nest deeper than MAX_JSON_DEPTH.
+    strings with NUL characters or unpaired surrogates, numbers that are not finite, or nest deeper than
+    MAX_JSON_DEPTH.
 
     PostgreSQL cannot store U+0000, neither database driver can encode an unpaired surrogate, and very
-    deep nesting cannot be serialised back into a response. Stored, any of them would turn later reads
-    into server errors; rejecting them up front gives every route the same clear answer.
+    deep nesting cannot be serialised back into a response. Python's JSON parser accepts NaN, Infinity
+    and numbers too large for a float (as infinity), which are not JSON: PostgreSQL rejects them, and
+    SQLite stores text that its JSON functions then fail to read. Stored, any of them would turn later
+    reads into server errors, so every route rejects them up front with the same 422.
     """
 
     def max_body_bytes(self, scope: Scope) -> int:
@@ -190,7 +198,9 @@ async def _check_json_body(request: Request) -> None:
     body = await request.body()
 
     # Cheap tests first, so that ordinary bodies are not parsed twice.
-    suspicious = b"\\u0000" in body or b"\x00" in body or b"\\ud" in body.lower()
+    suspicious = (
+        b"\\u0000" in body or b"\x00" in body or b"\\ud" in body.lower() or _MAYBE_NOT_FINITE.search(body) is not None
+    )
     if not suspicious and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         return
     try:
@@ -200,7 +210,8 @@ async def _check_json_body(request: Request) -> None:
     problem = _find_problem(document, ("body",), depth=0)
     if problem is not None:
         location, message = problem
-        raise RequestValidationError([{"type": "string_not_storable", "loc": location, "msg": message}])
+        kind = "number_not_storable" if message == _NOT_FINITE_MESSAGE else "string_not_storable"
+        raise RequestValidationError([{"type": kind, "loc": location, "msg": message}])
 
 
 def _string_problem(text: str) -> str | None:
@@ -221,6 +232,8 @@ def _find_problem(
     if isinstance(value, str):
         message = _string_problem(value)
         return (location, message) if message else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return location, _NOT_FINITE_MESSAGE
     if isinstance(value, dict):
         for key, item in value.items():
             message = _string_problem(key)
