@@ -110,6 +110,10 @@ async def get_chat(chat_id: str, user: CurrentUser, database: Db) -> ChatWithMes
     async with database.read_connection() as connection:
         chat = await service.read_chat(connection, user.user_id, parsed_chat_id)
         messages = await service.list_messages(connection, chat.id, up_to=chat.last_sequence)
+        if len(messages) < chat.last_sequence:
+            # Messages are numbered without gaps and never deleted one by one, so some are missing only
+            # when the chat was deleted between the two reads. Reading it again raises ChatNotFound then.
+            await service.read_chat(connection, user.user_id, parsed_chat_id)
     return ChatWithMessages(
         chat=ChatSummary.from_row(chat, chat.last_sequence), messages=[Message.from_row(m) for m in messages]
     )
