@@ -34,6 +34,9 @@ MAX_JSON_DEPTH = 32
 # NaN and Infinity as Python's parser reads them, and exponents of three digits, which may overflow a float.
 _MAYBE_NOT_FINITE = re.compile(rb"NaN|Infinity|\d[eE][+-]?\d{3}")
 _NOT_FINITE_MESSAGE = "Numbers must be finite: NaN, Infinity and numbers beyond about 1.8e308 are not JSON"
+# The error types of the 422 for a body the databases cannot store.
+_STRING_ERROR = "string_not_storable"
+_NUMBER_ERROR = "number_not_storable"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _BODY_LIMIT_SCOPE_KEY = "pocketllm.body_limit"
 
@@ -189,7 +192,7 @@ def _check_query(request: Request) -> None:
     for name, value in request.query_params.multi_items():
         message = _string_problem(name) or _string_problem(value)
         if message:
-            raise RequestValidationError([{"type": "string_not_storable", "loc": ("query", name), "msg": message}])
+            raise RequestValidationError([{"type": _STRING_ERROR, "loc": ("query", name), "msg": message}])
 
 
 async def _check_json_body(request: Request) -> None:
@@ -209,8 +212,7 @@ async def _check_json_body(request: Request) -> None:
         return  # not JSON: the handler's own parsing reports it
     problem = _find_problem(document, ("body",), depth=0)
     if problem is not None:
-        location, message = problem
-        kind = "number_not_storable" if message == _NOT_FINITE_MESSAGE else "string_not_storable"
+        location, kind, message = problem
         raise RequestValidationError([{"type": kind, "loc": location, "msg": message}])
 
 
@@ -226,19 +228,20 @@ def _string_problem(text: str) -> str | None:
 
 def _find_problem(
     value: Any, location: tuple[str | int, ...], *, depth: int
-) -> tuple[tuple[str | int, ...], str] | None:
+) -> tuple[tuple[str | int, ...], str, str] | None:
+    """Return the location, error type and message of the first value in `value` that cannot be stored."""
     if depth > MAX_JSON_DEPTH:
-        return location, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
+        return location, _STRING_ERROR, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
     if isinstance(value, str):
         message = _string_problem(value)
-        return (location, message) if message else None
+        return (location, _STRING_ERROR, message) if message else None
     if isinstance(value, float) and not math.isfinite(value):
-        return location, _NOT_FINITE_MESSAGE
+        return location, _NUMBER_ERROR, _NOT_FINITE_MESSAGE
     if isinstance(value, dict):
         for key, item in value.items():
             message = _string_problem(key)
             if message:
-                return location, message
+                return location, _STRING_ERROR, message
             found = _find_problem(item, (*location, key), depth=depth + 1)
             if found is not None:
                 return found
