@@ -969,9 +969,7 @@ class TestHardening:
         later = await client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "later"})
         assert later.status_code == 200, later.text
 
-    async def test_finite_numbers_and_nan_text_are_stored(
-        self, client: httpx.AsyncClient, headers: dict[str, str]
-    ) -> None:
+    async def test_finite_numbers_are_stored(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         chat = await new_chat(client, headers)
         body = b'{"role": "assistant", "content": "NaN and Infinity", "metadata": {"big": 1e300, "small": -2.5E-300}}'
 

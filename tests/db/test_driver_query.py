@@ -160,7 +160,7 @@ async def test_write_returns_its_rows(database: Database) -> None:
     assert await read_title(database, chat_ids[0]) == "Renamed"
 
 
-async def test_write_rolls_back_with_its_block(database: Database) -> None:
+async def test_write_follows_block_transaction(database: Database) -> None:
     _, chat_ids = await insert_account(database)
 
     async def rename_then_fail() -> None:

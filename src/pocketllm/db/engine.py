@@ -204,9 +204,10 @@ class Database:
 
         SQLAlchemy's context manager closes a connection in a task of its own, so that a cancellation
         cannot interrupt the close, and with one request at a time that task costs a turn of the event
-        loop. On PostgreSQL closing a connection with no transaction open sends nothing and never waits,
-        so nothing can interrupt it, and it is closed in the caller's task. SQLite's close waits for a
-        rollback on the connection's thread, so it keeps SQLAlchemy's task.
+        loop. On PostgreSQL the close is made in the caller's task, because SQLAlchemy's asyncpg adapter
+        sends a ROLLBACK only for a transaction it started, so closing a connection with no transaction
+        open sends nothing and has no wait to interrupt. SQLite's close waits for a rollback on the
+        connection's thread, so it keeps SQLAlchemy's task.
         """
         if self.dialect != "postgresql":
             async with self.engine.connect() as connection:
