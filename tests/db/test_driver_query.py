@@ -78,6 +78,38 @@ async def test_rows_match_sqlalchemy_execution(database: Database) -> None:
     assert rows[-1].model is None
 
 
+async def test_values_match_sqlalchemy_execution(database: Database) -> None:
+    user_id, _ = await insert_account(database)
+    parameters: dict[str, Any] = {"p_user_id": user_id, "p_since": datetime(2000, 1, 1, tzinfo=UTC), "p_limit": 10}
+
+    async with database.read_connection() as connection:
+        expected = (await connection.execute(CHATS_WITH_MODELS, parameters)).all()
+        rows = await DriverQuery(CHATS_WITH_MODELS).values(connection, parameters)
+
+    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+    for row, reference in zip(rows, expected, strict=True):
+        assert [type(value) for value in row] == [type(value) for value in reference]
+    # The JSON column is decoded and the time has its zone on both databases, as in all().
+    fields = list(expected[0]._fields)
+    assert rows[0][fields.index("settings")] == SETTINGS
+    assert rows[0][fields.index("updated_at")].tzinfo is not None
+
+
+async def test_values_without_conversions_unpack_in_column_order(database: Database) -> None:
+    user_id, _ = await insert_account(database)
+    statement = (
+        select(Chat.title, Chat.last_sequence)
+        .where(Chat.user_id == bindparam("p_user_id"))
+        .order_by(Chat.last_sequence)
+    )
+
+    async with database.read_connection() as connection:
+        rows = await DriverQuery(statement).values(connection, {"p_user_id": user_id})
+
+    assert [(title, sequence) for title, sequence in rows] == [(None, 0), ("Chat 1", 1), ("Chat 2", 2)]
+    assert [row[1] for row in rows] == [0, 1, 2]
+
+
 async def test_parameters_use_column_types(database: Database) -> None:
     user_id, chat_ids = await insert_account(database)
     query = DriverQuery(CHATS_WITH_MODELS)

@@ -33,7 +33,7 @@ def output_limit(configured: int | None, model_maximum: int | None, context_wind
 
 
 def fit_history(
-    newest_first: Sequence[tuple[str, str]],
+    newest_first: Sequence[Sequence[str]],
     *,
     system_prompt: str | None,
     new_message: str,
@@ -42,7 +42,7 @@ def fit_history(
 ) -> list[ChatMessage]:
     """Return the newest earlier messages that fit, oldest first, followed by the new user message.
 
-    `newest_first` contains (role, content) pairs, the newest first, as the history query returns them.
+    `newest_first` contains (role, content) rows, the newest first, as the history query returns them.
 
     The new message is always included, even when it alone exceeds the budget: only the provider can
     count the tokens exactly.
@@ -59,7 +59,7 @@ def fit_history(
         if cost > budget:
             break
         budget -= cost
-        kept.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
+        kept.append(ChatMessage(role, content))  # type: ignore[arg-type]
     kept.reverse()
     kept.append(ChatMessage(role="user", content=new_message))
     return kept

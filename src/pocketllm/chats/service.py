@@ -336,11 +336,10 @@ _RECENT_HISTORY = DriverQuery(
 )
 
 
-async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, before: int) -> Sequence[tuple[str, str]]:
+async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, before: int) -> Sequence[Sequence[str]]:
     """Load the (role, content) pairs of the messages before sequence `before`, newest first, at most
     HISTORY_LIMIT of them, without user messages whose reply failed."""
-    rows: list[tuple[str, str]] = await _RECENT_HISTORY.all(connection, {"p_chat_id": chat_id, "p_before": before})
-    return rows
+    return await _RECENT_HISTORY.values(connection, {"p_chat_id": chat_id, "p_before": before})
 
 
 @dataclass(frozen=True, slots=True)
