@@ -3,6 +3,8 @@ same results, errors and connection arguments as aiosqlite's own cursors."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,10 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
-from pocketllm.db.engine import create_engine
+from pocketllm.db.engine import SQLITE_BEGIN_OPTION, SQLITE_NO_BEGIN, create_engine
+from pocketllm.db.sqlite_driver import OneTripConnection
 
 _METADATA = MetaData()
 _NOTES = Table("notes", _METADATA, Column("id", Integer, primary_key=True), Column("body", String, unique=True))
@@ -31,12 +35,16 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 def thread_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every call that aiosqlite queues for a connection's thread, by the called function's name."""
+    """Record every call that aiosqlite queues for a connection's thread, by the called function's name.
+
+    OneTripConnection queues each call wrapped in its `_counted`, so the wrapped function is recorded.
+    """
     trips: list[str] = []
     queue_call = aiosqlite.Connection._execute
 
     async def counted(connection: aiosqlite.Connection, function: Any, *args: Any, **kwargs: Any) -> Any:
-        trips.append(getattr(function, "__name__", repr(function)))
+        called = args[0] if getattr(function, "__name__", None) == "_counted" else function
+        trips.append(getattr(called, "__name__", repr(called)))
         return await queue_call(connection, function, *args, **kwargs)
 
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
@@ -101,3 +109,61 @@ async def test_url_arguments_reach_sqlite3(engine: AsyncEngine, tmp_path: Path) 
         await read_only.dispose()
 
     assert count == 5
+
+
+async def test_returning_a_connection_without_transaction_makes_no_trip(
+    engine: AsyncEngine, thread_trips: list[str]
+) -> None:
+    async with engine.connect() as connection:
+        await connection.execution_options(**{SQLITE_BEGIN_OPTION: SQLITE_NO_BEGIN})
+        await connection.execute(text("SELECT 1"))
+        thread_trips.clear()
+    after_reads = list(thread_trips)
+    async with engine.begin() as connection:
+        await connection.execute(update(_NOTES).where(_NOTES.c.id == 1).values(body="edited"))
+        thread_trips.clear()
+    after_commit = list(thread_trips)
+
+    # SQLAlchemy rolls back both connections on their return, and neither has a transaction open then.
+    assert after_reads == []
+    assert after_commit == ["commit"]
+
+
+async def test_connection_returned_in_a_transaction_is_rolled_back(engine: AsyncEngine) -> None:
+    def write_and_return_uncommitted() -> bool:
+        # Below SQLAlchemy's Connection, which rolls back the transactions it began itself, so that only
+        # the pool's reset can end this one.
+        pooled = engine.sync_engine.raw_connection()
+        cursor = pooled.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        cursor.execute("INSERT INTO notes (id, body) VALUES (99, 'uncommitted')")
+        cursor.close()
+        assert pooled.driver_connection is not None
+        was_open: bool = pooled.driver_connection.in_transaction
+        pooled.close()
+        return was_open
+
+    assert await greenlet_spawn(write_and_return_uncommitted)
+    # One pooled connection is idle, and a write on another would wait for its lock if it kept it.
+    async with engine.begin() as connection:
+        await connection.execute(insert(_NOTES).values(id=100, body="after"))
+        ids = (await connection.execute(select(_NOTES.c.id).where(_NOTES.c.id >= 99))).scalars().all()
+
+    assert ids == [100]
+
+
+async def test_rollback_waits_for_calls_still_queued(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert isinstance(driver, OneTripConnection)
+        # The thread is held while a BEGIN is queued behind, as when a caller was cancelled mid-statement.
+        gate = threading.Event()
+        held = asyncio.create_task(driver.run(lambda _: gate.wait(10)))
+        began = asyncio.create_task(driver.execute("BEGIN IMMEDIATE"))
+        await asyncio.sleep(0)
+        assert not driver.in_transaction
+        rolled_back = asyncio.create_task(driver.rollback())
+        gate.set()
+        await asyncio.gather(held, began, rolled_back)
+
+        assert not driver.in_transaction
