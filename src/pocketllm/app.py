@@ -25,8 +25,9 @@ from pocketllm.chats.replies import SHUTDOWN_REPLY_WAIT_SECONDS, ReplyGenerator
 from pocketllm.chats.router import router as chats_router
 from pocketllm.config import AuthBackend as AuthBackendName
 from pocketllm.config import Settings, load_settings, resolve_settings
-from pocketllm.db.engine import Database, create_engine
+from pocketllm.db.engine import SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES, Database, create_engine
 from pocketllm.db.migrate import upgrade_database
+from pocketllm.db.wal import run_checkpoints
 from pocketllm.errors import ErrorBody, register_error_handlers
 from pocketllm.health.router import router as health_router
 from pocketllm.jobs.handlers import build_job_worker
@@ -126,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 pool_size=settings.database_pool_size,
                 max_overflow=settings.database_max_overflow,
                 pool_timeout=settings.database_pool_timeout_seconds,
+                # Commits leave checkpoints to the task below (db/wal.py).
+                sqlite_autocheckpoint_pages=SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES,
             )
         )
         if settings.migrate_on_start:
@@ -143,6 +146,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mail_sender = MailSender(database, settings)
         mail_stop = asyncio.Event()
         mail_task = asyncio.create_task(app.state.mail_sender.run(mail_stop), name="mail-sender")
+        checkpoint_stop = asyncio.Event()
+        checkpoint_task: asyncio.Task[None] | None = None
+        if database.dialect == "sqlite":
+            checkpoint_task = asyncio.create_task(run_checkpoints(database, checkpoint_stop), name="sqlite-checkpoints")
         worker_stop = asyncio.Event()
         worker_task: asyncio.Task[None] | None = None
         app.state.job_worker = None
@@ -171,6 +178,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # On timeout wait_for cancels the sender; the message it was sending is retried after its lease.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(mail_task, timeout=settings.smtp_timeout_seconds + 5)
+            checkpoint_stop.set()
+            if checkpoint_task is not None:
+                await checkpoint_task
             await app.state.auth_backend.close()
             await app.state.providers.close()
             await app.state.rate_limiter.close()
