@@ -59,18 +59,25 @@ CHATS_WITH_MODELS = (
 )
 
 
-async def test_rows_match_sqlalchemy_execution(database: Database) -> None:
+async def read_chats_both_ways(database: Database, method: str) -> tuple[list[Any], list[Any]]:
+    """Read CHATS_WITH_MODELS through SQLAlchemy and through DriverQuery's `method`, and return both results."""
     user_id, _ = await insert_account(database)
     parameters: dict[str, Any] = {"p_user_id": user_id, "p_since": datetime(2000, 1, 1, tzinfo=UTC), "p_limit": 10}
 
     async with database.read_connection() as connection:
-        expected = (await connection.execute(CHATS_WITH_MODELS, parameters)).all()
-        rows = await DriverQuery(CHATS_WITH_MODELS).all(connection, parameters)
+        expected = list((await connection.execute(CHATS_WITH_MODELS, parameters)).all())
+        rows = list(await getattr(DriverQuery(CHATS_WITH_MODELS), method)(connection, parameters))
 
     assert len(expected) == 3
     assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
     for row, reference in zip(rows, expected, strict=True):
         assert [type(value) for value in row] == [type(value) for value in reference]
+    return expected, rows
+
+
+async def test_rows_match_sqlalchemy_execution(database: Database) -> None:
+    _, rows = await read_chats_both_ways(database, "all")
+
     newest = rows[0]
     assert newest.settings == SETTINGS
     assert newest.is_active is True
@@ -79,16 +86,8 @@ async def test_rows_match_sqlalchemy_execution(database: Database) -> None:
 
 
 async def test_values_match_sqlalchemy_execution(database: Database) -> None:
-    user_id, _ = await insert_account(database)
-    parameters: dict[str, Any] = {"p_user_id": user_id, "p_since": datetime(2000, 1, 1, tzinfo=UTC), "p_limit": 10}
+    expected, rows = await read_chats_both_ways(database, "values")
 
-    async with database.read_connection() as connection:
-        expected = (await connection.execute(CHATS_WITH_MODELS, parameters)).all()
-        rows = await DriverQuery(CHATS_WITH_MODELS).values(connection, parameters)
-
-    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
-    for row, reference in zip(rows, expected, strict=True):
-        assert [type(value) for value in row] == [type(value) for value in reference]
     # The JSON column is decoded and the time has its zone on both databases, as in all().
     fields = list(expected[0]._fields)
     assert rows[0][fields.index("settings")] == SETTINGS
