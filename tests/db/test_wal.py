@@ -101,3 +101,20 @@ async def test_serve_starts_checkpoint_task(app: FastAPI) -> None:
 
     assert "sqlite-checkpoints" in tasks
     assert pages == SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES
+
+
+async def test_in_memory_database_is_not_checkpointed() -> None:
+    database = Database(create_engine("sqlite+aiosqlite:///:memory:"))
+    try:
+        async with database.transaction() as session:
+            await session.execute(text("CREATE TABLE notes (body TEXT)"))
+        async with database.engine.connect() as connection:
+            await connection.execute(text("INSERT INTO notes VALUES ('open')"))
+            # The pool shares its one connection, so a checkpoint here would end this transaction.
+            assert await database.checkpoint_wal() == (0, 0)
+            rows = (await connection.execute(text("SELECT body FROM notes"))).scalars().all()
+            await connection.rollback()
+    finally:
+        await database.dispose()
+
+    assert rows == ["open"]

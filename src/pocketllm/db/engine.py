@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -56,6 +56,12 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _is_in_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
 def _create_private_file(database: str | None) -> None:
     """Create a new SQLite file readable by its owner only; SQLite gives its -wal and -shm files the same mode."""
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -86,7 +92,7 @@ def create_engine(
         # SQLAlchemy gives a file database a queue pool. Its own default of 5 connections, plus 10 that are
         # closed on return, opened a connection and its aiosqlite thread for each request past the fifth.
         # An in-memory database gets a static pool, which takes no size.
-        if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        if _is_in_memory(url):
             pool = {}
         engine = create_async_engine(url, hide_parameters=True, **pool)
         use_one_trip_connections(engine)
@@ -249,9 +255,10 @@ class Database:
         otherwise checkpoints in the commit that takes the log past `wal_autocheckpoint` pages, and that
         commit, with its request, waits for the copy and its fsync calls: every few hundred replies in the
         benchmarks, and their p99. A checkpoint here runs on a connection's thread while requests go on.
-        Returns (0, 0) on PostgreSQL, which has no such log.
+        Returns (0, 0) on PostgreSQL and for an in-memory SQLite database, which have no such log.
         """
-        if self.dialect != "sqlite":
+        if self.dialect != "sqlite" or _is_in_memory(self.engine.url):
+            # An in-memory database keeps no log, and its one connection is shared by every checkout.
             return 0, 0
         async with self._plain_connection(_SQLITE_SINGLE_READ_OPTIONS) as connection:
             _, frames, copied = (await connection.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))).one()
