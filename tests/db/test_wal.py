@@ -12,7 +12,12 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Column, Integer, MetaData, Table, Text, event, insert, text
 
-from pocketllm.db.engine import SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES, Database, create_engine
+from pocketllm.db.engine import (
+    SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES,
+    SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES,
+    Database,
+    create_engine,
+)
 from pocketllm.db.wal import run_checkpoints
 
 _METADATA = MetaData()
@@ -52,6 +57,21 @@ async def test_commits_skip_checkpoint(background_database: tuple[Database, Path
     assert copied == frames
     assert size_before < _ROWS * _PAGE_SIZE // 10
     assert path.stat().st_size > _ROWS * _PAGE_SIZE
+
+
+async def test_log_file_shrinks_after_checkpoint(background_database: tuple[Database, Path]) -> None:
+    database, path = background_database
+    log_file = path.with_name(path.name + "-wal")
+    await fill(database)
+    size_after_burst = log_file.stat().st_size
+
+    await database.checkpoint_wal()
+    # The first write after a checkpoint that copied the whole log starts the log over.
+    async with database.transaction() as session:
+        await session.execute(insert(_PAGES).values(body="after"))
+
+    assert size_after_burst > SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES
+    assert log_file.stat().st_size <= SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES + 4 * _PAGE_SIZE
 
 
 async def test_default_engine_checkpoints_in_commits(tmp_path: Path) -> None:

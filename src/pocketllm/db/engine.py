@@ -19,9 +19,13 @@ from pocketllm.db.sqlite_driver import use_one_trip_connections
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 # For a process that checkpoints in the background (`Database.checkpoint_wal()`): SQLite checkpoints in
-# the commit that takes the WAL past this many pages, about 40 MB with 4 KiB pages, only if the background
-# checkpoints fall behind. SQLite's own default is 1,000 pages.
+# the commit that takes the WAL past this many pages, about 40 MB with 4 KiB pages. That happens when the
+# background checkpoints fail, or during a sustained burst of writes (see db/wal.py). SQLite's own default
+# is 1,000 pages.
 SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES = 10_000
+# With background checkpoints, the size that SQLite cuts the log file back to when it starts the log over.
+# Without it the file keeps the largest size that a burst of writes gave it.
+SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 # An SQLITE_BEGIN_OPTION value: send no BEGIN, so that each statement is a transaction of its own.
 SQLITE_NO_BEGIN = "NONE"
@@ -42,6 +46,7 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
         cursor.execute("PRAGMA synchronous=NORMAL")
         if autocheckpoint_pages is not None:
             cursor.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint_pages}")
+            cursor.execute(f"PRAGMA journal_size_limit={SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

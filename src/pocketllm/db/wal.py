@@ -11,8 +11,11 @@ from pocketllm.db.engine import Database
 
 log = structlog.get_logger(__name__)
 
-# Often enough that the log stays far below SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES at this server's write
-# rates. A checkpoint with nothing to copy costs one statement.
+# A checkpoint with nothing to copy costs one statement.
+# NOTE: SQLite starts the log over only at a write that begins after a checkpoint copied all of it. Writers
+# that follow each other without a pause leave no such moment, so under a sustained burst of writes the log
+# grows until a commit reaches SQLITE_BACKGROUND_AUTOCHECKPOINT_PAGES (about 40 MB). The file shrinks back
+# to SQLITE_BACKGROUND_WAL_SIZE_LIMIT_BYTES at the next start-over.
 CHECKPOINT_INTERVAL_SECONDS = 1.0
 
 
