@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
+import pocketllm.db.engine as engine_module
 from pocketllm.app import create_app
 from pocketllm.config import Settings
 from tests.helpers import DEFAULT_PASSWORD, auth_headers, sign_up
@@ -262,4 +266,41 @@ async def test_busy_pool_gives_503(app: FastAPI, client: httpx.AsyncClient, uniq
     assert busy.status_code == 503
     assert busy.json()["code"] == "database_busy"
     assert busy.headers["Retry-After"] == "1"
+    assert after.status_code == 200
+
+
+async def test_locked_sqlite_database_gives_503(
+    settings: Settings, unique_email: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("runs against SQLite only")
+    # A shorter busy timeout than the 15 s of the server's connections, which read it when they open.
+    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
+            headers = auth_headers(await sign_up(client, unique_email))
+            chat = (await client.post("/v1/chats", headers=headers, json={"title": "Locked"})).json()
+
+            # Another process holds the write lock, as `pocketllm worker` or a backup tool could. It is taken on
+            # a thread, because a write of the app's own (the mail sender's) may hold the lock for a moment
+            # and needs the event loop to finish.
+            database_path = make_url(settings.effective_database_url).database or ""
+            other = sqlite3.connect(database_path, isolation_level=None, check_same_thread=False)
+            await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
+            try:
+                created = await client.post("/v1/chats", headers=headers, json={"title": "Waits"})
+                posted = await client.post(
+                    f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "Hello", "role": "system"}
+                )
+            finally:
+                other.rollback()
+                other.close()
+            after = await client.post("/v1/chats", headers=headers, json={"title": "After"})
+
+    for response in (created, posted):
+        assert response.status_code == 503
+        assert response.json()["code"] == "database_busy"
+        assert response.headers["Retry-After"] == "1"
     assert after.status_code == 200

@@ -7,6 +7,7 @@ FastAPI's `detail` list and add a readable top-level `message`. The shipped clie
 
 from __future__ import annotations
 
+import sqlite3
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -84,13 +85,27 @@ class ServiceUnavailable(PocketLLMError):
 
 
 class DatabaseBusy(ServiceUnavailable):
-    """Every pooled database connection stayed in use for DATABASE_POOL_TIMEOUT_SECONDS."""
+    """Every pooled database connection stayed in use for DATABASE_POOL_TIMEOUT_SECONDS, or another writer kept
+    an SQLite database locked for longer than its busy timeout."""
 
     code = "database_busy"
     default_message = "The server's database connections are all in use. Try again in a moment."
 
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "1"})
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+DATABASE_LOCKED_MESSAGE = "Another writer kept the database locked for too long. Try again in a moment."
+
+
+def is_database_locked(error: BaseException) -> bool:
+    """Tell whether `error` is SQLite's 'database is locked' after its busy timeout, as sqlite3 raised it or
+    wrapped by SQLAlchemy."""
+    original = error.orig if isinstance(error, sqlalchemy.exc.DBAPIError) else error
+    return (
+        isinstance(original, sqlite3.OperationalError)
+        and getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+    )
 
 
 class UnparsableBody(PocketLLMError):
@@ -227,9 +242,21 @@ async def _handle_pool_timeout(request: Request, exc: Exception) -> JSONResponse
     return error_json(busy.status_code, busy.code, busy.message, busy.headers)
 
 
+async def _handle_database_locked(request: Request, exc: Exception) -> JSONResponse:
+    # Every other operational error (a lost connection, a full disk) stays a 500.
+    if not is_database_locked(exc):
+        raise exc
+    log.warning("database.locked")
+    busy = DatabaseBusy(DATABASE_LOCKED_MESSAGE)
+    return error_json(busy.status_code, busy.code, busy.message, busy.headers)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PocketLLMError, _handle_domain_error)
     # SQLAlchemy raises its TimeoutError only when no pooled connection became free in time.
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _handle_pool_timeout)
+    # DriverQuery raises sqlite3's own errors, and SQLAlchemy's execution wraps them.
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _handle_database_locked)
+    app.add_exception_handler(sqlite3.OperationalError, _handle_database_locked)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)

@@ -25,7 +25,7 @@ from pocketllm.chats import service
 from pocketllm.chats.prompt import DEFAULT_CONTEXT_WINDOW, fit_history, output_limit
 from pocketllm.chats.schemas import Message, MessageCreate
 from pocketllm.db.engine import Database
-from pocketllm.errors import DatabaseBusy, PocketLLMError
+from pocketllm.errors import DATABASE_LOCKED_MESSAGE, DatabaseBusy, PocketLLMError, is_database_locked
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.providers import service as providers_service
 from pocketllm.providers.catalogue import ProviderTarget
@@ -403,6 +403,9 @@ class ReplyGenerator:
             # No pooled connection became free in time to store the reply: the server is overloaded.
             log.warning("database.pool_timeout", chat_id=str(record.chat_id))
             failure = DatabaseBusy()
+        elif is_database_locked(error):
+            log.warning("database.locked", chat_id=str(record.chat_id))
+            failure = DatabaseBusy(DATABASE_LOCKED_MESSAGE)
         else:
             log.exception("chat.reply.crashed", chat_id=str(record.chat_id), exc_info=error)
             failure = ReplyFailed()
