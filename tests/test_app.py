@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -304,3 +306,46 @@ async def test_locked_sqlite_database_gives_503(
         assert response.json()["code"] == "database_busy"
         assert response.headers["Retry-After"] == "1"
     assert after.status_code == 200
+
+
+async def test_queued_sqlite_writes_wait_one_busy_timeout(
+    settings: Settings, unique_email: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("runs against SQLite only")
+    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    database_path = make_url(settings.effective_database_url).database or ""
+
+    def hold_lock(seconds: float) -> None:
+        other = sqlite3.connect(database_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            locked.set()
+            # Another process keeps the write lock this long, then lets go.
+            time.sleep(seconds)
+            other.rollback()
+        finally:
+            other.close()
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
+            headers = auth_headers(await sign_up(client, unique_email))
+            chat = (await client.post("/v1/chats", headers=headers, json={"title": "Queued"})).json()
+            locked = threading.Event()
+            holder = asyncio.create_task(asyncio.to_thread(hold_lock, 1.0))
+            await asyncio.to_thread(locked.wait, 10)
+            # Replies queue in this process for the write lock, one behind the other.
+            responses = await asyncio.gather(
+                *(
+                    client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": f"Hi {n}"})
+                    for n in range(8)
+                )
+            )
+            await holder
+
+    # One after the other, eight waits of 0.2 s would outlast the 1 s lock. Each now waits 0.2 s at most in the
+    # queue, and 0.2 s for the lock.
+    assert [response.status_code for response in responses] == [503] * 8
+    assert {response.json()["code"] for response in responses} == {"database_busy"}

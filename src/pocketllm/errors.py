@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pocketllm.db.engine import WriterQueueTimeout
+
 log = structlog.get_logger(__name__)
 
 
@@ -100,7 +102,9 @@ DATABASE_LOCKED_MESSAGE = "Another writer kept the database locked for too long.
 
 def is_database_locked(error: BaseException) -> bool:
     """Tell whether `error` is SQLite's 'database is locked' after its busy timeout, as sqlite3 raised it or
-    wrapped by SQLAlchemy."""
+    wrapped by SQLAlchemy, or a write that waited as long for this process's earlier writes."""
+    if isinstance(error, WriterQueueTimeout):
+        return True
     original = error.orig if isinstance(error, sqlalchemy.exc.DBAPIError) else error
     return (
         isinstance(original, sqlite3.OperationalError)
@@ -258,5 +262,6 @@ def register_error_handlers(app: FastAPI) -> None:
     # DriverQuery raises sqlite3's own errors, and SQLAlchemy's execution wraps them.
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _handle_database_locked)
     app.add_exception_handler(sqlite3.OperationalError, _handle_database_locked)
+    app.add_exception_handler(WriterQueueTimeout, _handle_database_locked)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)

@@ -34,6 +34,10 @@ _SQLITE_SINGLE_READ_OPTIONS = {SQLITE_BEGIN_OPTION: SQLITE_NO_BEGIN}
 _AUTOCOMMIT_OPTIONS = {"isolation_level": "AUTOCOMMIT"}
 
 
+class WriterQueueTimeout(Exception):
+    """An SQLite write waited longer than the busy timeout for this process's earlier writes to finish."""
+
+
 def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
@@ -167,8 +171,19 @@ class Database:
             # soon as the one before them commits. Writers elsewhere still wait in the busy handler.
             # NOTE: code inside a `statements()` block must not open another `statements()` block: it would
             # wait for this lock forever. The reply path, its only user, runs service calls on one connection.
-            async with self._sqlite_writer, self.engine.begin() as connection:
-                yield connection
+            # The wait here counts against the same limit as SQLite's busy timeout, so that a write queued
+            # behind others, while another process holds the lock, does not wait that long once per write
+            # ahead of it.
+            try:
+                async with asyncio.timeout(SQLITE_BUSY_TIMEOUT_MS / 1000):
+                    await self._sqlite_writer.acquire()
+            except TimeoutError:
+                raise WriterQueueTimeout() from None
+            try:
+                async with self.engine.begin() as connection:
+                    yield connection
+            finally:
+                self._sqlite_writer.release()
             return
         async with self._plain_connection(_AUTOCOMMIT_OPTIONS) as connection:
             yield connection
