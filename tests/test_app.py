@@ -7,6 +7,8 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -271,9 +273,20 @@ async def test_busy_pool_gives_503(app: FastAPI, client: httpx.AsyncClient, uniq
     assert after.status_code == 200
 
 
-async def test_locked_sqlite_database_gives_503(
+@dataclass
+class ShortBusyApp:
+    """An app on SQLite whose connections wait 0.2 s for a locked database, with a signed-up user and a chat."""
+
+    client: httpx.AsyncClient
+    headers: dict[str, str]
+    chat_id: str
+    database_path: str
+
+
+@pytest.fixture
+async def short_busy_app(
     settings: Settings, unique_email: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> AsyncIterator[ShortBusyApp]:
     if not settings.effective_database_url.startswith("sqlite"):
         pytest.skip("runs against SQLite only")
     # A shorter busy timeout than the 15 s of the server's connections, which read it when they open.
@@ -284,22 +297,28 @@ async def test_locked_sqlite_database_gives_503(
         async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
             headers = auth_headers(await sign_up(client, unique_email))
             chat = (await client.post("/v1/chats", headers=headers, json={"title": "Locked"})).json()
-
-            # Another process holds the write lock, as `pocketllm worker` or a backup tool could. It is taken on
-            # a thread, because a write of the app's own (the mail sender's) may hold the lock for a moment
-            # and needs the event loop to finish.
             database_path = make_url(settings.effective_database_url).database or ""
-            other = sqlite3.connect(database_path, isolation_level=None, check_same_thread=False)
-            await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
-            try:
-                created = await client.post("/v1/chats", headers=headers, json={"title": "Waits"})
-                posted = await client.post(
-                    f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "Hello", "role": "system"}
-                )
-            finally:
-                other.rollback()
-                other.close()
-            after = await client.post("/v1/chats", headers=headers, json={"title": "After"})
+            yield ShortBusyApp(client, headers, chat["id"], database_path)
+
+
+async def test_locked_sqlite_database_gives_503(short_busy_app: ShortBusyApp) -> None:
+    client, headers = short_busy_app.client, short_busy_app.headers
+    # Another process holds the write lock, as `pocketllm worker` or a backup tool could. It is taken on a
+    # thread, because a write of the app's own (the mail sender's) may hold the lock for a moment and needs
+    # the event loop to finish.
+    other = sqlite3.connect(short_busy_app.database_path, isolation_level=None, check_same_thread=False)
+    await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
+    try:
+        created = await client.post("/v1/chats", headers=headers, json={"title": "Waits"})
+        posted = await client.post(
+            f"/v1/chats/{short_busy_app.chat_id}/messages",
+            headers=headers,
+            json={"content": "Hello", "role": "system"},
+        )
+    finally:
+        other.rollback()
+        other.close()
+    after = await client.post("/v1/chats", headers=headers, json={"title": "After"})
 
     for response in (created, posted):
         assert response.status_code == 503
@@ -308,16 +327,11 @@ async def test_locked_sqlite_database_gives_503(
     assert after.status_code == 200
 
 
-async def test_queued_sqlite_writes_wait_one_busy_timeout(
-    settings: Settings, unique_email: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not settings.effective_database_url.startswith("sqlite"):
-        pytest.skip("runs against SQLite only")
-    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
-    database_path = make_url(settings.effective_database_url).database or ""
+async def test_queued_sqlite_writes_wait_one_busy_timeout(short_busy_app: ShortBusyApp) -> None:
+    locked = threading.Event()
 
     def hold_lock(seconds: float) -> None:
-        other = sqlite3.connect(database_path, isolation_level=None)
+        other = sqlite3.connect(short_busy_app.database_path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             locked.set()
@@ -327,23 +341,20 @@ async def test_queued_sqlite_writes_wait_one_busy_timeout(
         finally:
             other.close()
 
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pocketllm.test") as client:
-            headers = auth_headers(await sign_up(client, unique_email))
-            chat = (await client.post("/v1/chats", headers=headers, json={"title": "Queued"})).json()
-            locked = threading.Event()
-            holder = asyncio.create_task(asyncio.to_thread(hold_lock, 1.0))
-            await asyncio.to_thread(locked.wait, 10)
-            # Replies queue in this process for the write lock, one behind the other.
-            responses = await asyncio.gather(
-                *(
-                    client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": f"Hi {n}"})
-                    for n in range(8)
-                )
+    holder = asyncio.create_task(asyncio.to_thread(hold_lock, 1.0))
+    await asyncio.to_thread(locked.wait, 10)
+    # Replies queue in this process for the write lock, one behind the other.
+    responses = await asyncio.gather(
+        *(
+            short_busy_app.client.post(
+                f"/v1/chats/{short_busy_app.chat_id}/messages",
+                headers=short_busy_app.headers,
+                json={"content": f"Hi {number}"},
             )
-            await holder
+            for number in range(8)
+        )
+    )
+    await holder
 
     # One after the other, eight waits of 0.2 s would outlast the 1 s lock. Each now waits 0.2 s at most in the
     # queue, and 0.2 s for the lock.

@@ -239,11 +239,15 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
     return error_json(exc.status_code, code, detail, dict(exc.headers) if exc.headers else None)
 
 
+def _database_busy_json(message: str | None = None) -> JSONResponse:
+    busy = DatabaseBusy(message)
+    return error_json(busy.status_code, busy.code, busy.message, busy.headers)
+
+
 async def _handle_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     # The request's path is in its request.completed line, with the same request id.
     log.warning("database.pool_timeout")
-    busy = DatabaseBusy()
-    return error_json(busy.status_code, busy.code, busy.message, busy.headers)
+    return _database_busy_json()
 
 
 async def _handle_database_locked(request: Request, exc: Exception) -> JSONResponse:
@@ -251,8 +255,7 @@ async def _handle_database_locked(request: Request, exc: Exception) -> JSONRespo
     if not is_database_locked(exc):
         raise exc
     log.warning("database.locked")
-    busy = DatabaseBusy(DATABASE_LOCKED_MESSAGE)
-    return error_json(busy.status_code, busy.code, busy.message, busy.headers)
+    return _database_busy_json(DATABASE_LOCKED_MESSAGE)
 
 
 def register_error_handlers(app: FastAPI) -> None:

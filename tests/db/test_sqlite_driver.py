@@ -144,7 +144,7 @@ async def test_connection_returned_in_a_transaction_is_rolled_back(engine: Async
         return was_open
 
     assert await greenlet_spawn(write_and_return_uncommitted)
-    # One pooled connection is idle, and a write on another would wait for its lock if it kept it.
+    # Had the returned connection kept its transaction, this write would fail or wait for its lock.
     async with engine.begin() as connection:
         await connection.execute(insert(_NOTES).values(id=100, body="after"))
         ids = (await connection.execute(select(_NOTES.c.id).where(_NOTES.c.id >= 99))).scalars().all()
@@ -158,12 +158,12 @@ async def test_rollback_waits_for_calls_still_queued(engine: AsyncEngine) -> Non
         assert isinstance(driver, OneTripConnection)
         # The thread is held while a BEGIN is queued behind, as when a caller was cancelled mid-statement.
         gate = threading.Event()
-        held = asyncio.create_task(driver.run(lambda _: gate.wait(10)))
+        blocking = asyncio.create_task(driver.run(lambda _: gate.wait(10)))
         began = asyncio.create_task(driver.execute("BEGIN IMMEDIATE"))
         await asyncio.sleep(0)
         assert not driver.in_transaction
         rolled_back = asyncio.create_task(driver.rollback())
         gate.set()
-        await asyncio.gather(held, began, rolled_back)
+        await asyncio.gather(blocking, began, rolled_back)
 
         assert not driver.in_transaction
