@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import delete, event, func, select, text, update
+from sqlalchemy import delete, event, func, select, text
 
 from pocketllm.db.engine import Database
 from pocketllm.models import Chat, ModelConfig, StoredMessage
@@ -307,17 +307,11 @@ class TestReplies:
         ]
 
     async def test_history_is_cut_to_context_window(
-        self,
-        client: httpx.AsyncClient,
-        headers: dict[str, str],
-        fake_provider: FakeProvider,
-        database: Database,
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         model = await setup_openai_model(client, headers, fake_provider, max_tokens=100)
-        async with database.transaction() as session:
-            await session.execute(
-                update(ModelConfig).where(ModelConfig.id == uuid.UUID(model["id"])).values(context_window=400)
-            )
+        patched = await client.patch(f"/v1/models/{model['id']}", headers=headers, json={"context_window": 400})
+        assert patched.status_code == 200, patched.text
         chat = await new_chat(client, headers)
         for index in range(6):
             await client.post(
@@ -332,6 +326,18 @@ class TestReplies:
         assert sent[-1] == {"role": "user", "content": "newest question"}
         assert 1 <= len(sent) - 1 < 6
         assert sent[-2]["content"].startswith("old message 5")
+
+    async def test_max_output_tokens_caps_max_tokens(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider, max_tokens=500)
+        patched = await client.patch(f"/v1/models/{model['id']}", headers=headers, json={"max_output_tokens": 120})
+        assert patched.status_code == 200, patched.text
+        chat = await new_chat(client, headers)
+
+        await send(client, headers, chat["id"], "Short answer, please")
+
+        assert fake_provider.last_request("/chat/completions").body["max_completion_tokens"] == 120
 
     async def test_anthropic_reply(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider

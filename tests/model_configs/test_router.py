@@ -356,6 +356,52 @@ class TestSavedModels:
         assert (await client.get("/v1/models/saved", headers=headers)).json() == []
         assert_error(await client.get(f"/v1/models/{model_id}", headers=headers), 404, "model_not_found")
 
+    async def test_patch_token_limits(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+    ) -> None:
+        await activate_openai(client, headers, fake_provider)
+        model_id = (await import_models(client, headers, ["gpt-4o-mini"])).json()[0]["id"]
+
+        patched = await client.patch(
+            f"/v1/models/{model_id}", headers=headers, json={"context_window": 32_000, "max_output_tokens": 4_000}
+        )
+        renamed = await client.patch(f"/v1/models/{model_id}", headers=headers, json={"display_name": "Mini"})
+        cleared = await client.patch(f"/v1/models/{model_id}", headers=headers, json={"context_window": None})
+
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["context_window"] == 32_000
+        assert patched.json()["max_output_tokens"] == 4_000
+        assert renamed.json()["context_window"] == 32_000
+        assert renamed.json()["max_output_tokens"] == 4_000
+        assert cleared.json()["context_window"] is None
+        assert cleared.json()["max_output_tokens"] == 4_000
+        fetched = (await client.get(f"/v1/models/{model_id}", headers=headers)).json()
+        assert fetched["context_window"] is None
+        assert fetched["max_output_tokens"] == 4_000
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"context_window": 0},
+            {"context_window": 2**31},
+            {"context_window": "large"},
+            {"max_output_tokens": -5},
+            {"max_output_tokens": 1_000_001},
+        ],
+    )
+    async def test_invalid_token_limits_are_422(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, body: dict[str, Any]
+    ) -> None:
+        await activate_openai(client, headers, fake_provider)
+        model_id = (await import_models(client, headers, ["gpt-4o-mini"])).json()[0]["id"]
+        before = (await client.get(f"/v1/models/{model_id}", headers=headers)).json()
+
+        response = await client.patch(f"/v1/models/{model_id}", headers=headers, json={**body, "description": "new"})
+
+        assert response.status_code == 422
+        assert next(iter(body)) in response.json()["message"]
+        assert (await client.get(f"/v1/models/{model_id}", headers=headers)).json() == before
+
     @pytest.mark.parametrize("model_id", ["not-a-uuid", "00000000-0000-0000-0000-000000000000"])
     async def test_missing_is_404(self, client: httpx.AsyncClient, headers: dict[str, str], model_id: str) -> None:
         assert_error(await client.get(f"/v1/models/{model_id}", headers=headers), 404, "model_not_found")

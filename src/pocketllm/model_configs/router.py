@@ -164,7 +164,7 @@ async def get_model(model_id: str, user: CurrentUser, session: DbSession) -> Mod
 async def update_model(
     model_id: str, payload: ModelConfigurationUpdate, user: CurrentUser, session: DbSession
 ) -> ModelConfiguration:
-    """Change the display name, description, settings or active state of a saved configuration."""
+    """Change the display name, description, settings, token limits or active state of a saved configuration."""
     config = await service.get_saved(session, user.user_id, service.parse_model_id(model_id))
     changed = payload.model_fields_set
 
@@ -176,6 +176,10 @@ async def update_model(
         config.settings = service.merge_settings(config.settings, payload.settings) if payload.settings else {}
     if "is_active" in changed and payload.is_active is not None:
         config.is_active = payload.is_active
+    if "context_window" in changed:
+        config.context_window = payload.context_window
+    if "max_output_tokens" in changed:
+        config.max_output_tokens = payload.max_output_tokens
     await session.flush()
     return await _to_configuration(session, config)
 

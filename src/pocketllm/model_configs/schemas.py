@@ -9,8 +9,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pocketllm.chats.prompt import DEFAULT_CONTEXT_WINDOW
+
 MAX_SETTINGS_BYTES = 65_536
 MAX_SYSTEM_PROMPT_LENGTH = 32_000
+# Bounds of the token counts a user may set on a saved model; both fit the database's 32-bit integer columns.
+MAX_CONTEXT_WINDOW = 100_000_000
+MAX_OUTPUT_TOKENS = 1_000_000
 
 
 class ModelSettings(BaseModel):
@@ -86,6 +91,21 @@ class ModelConfigurationUpdate(BaseModel):
     description: str | None = Field(default=None, max_length=2000)
     settings: ModelSettings | None = None
     is_active: bool | None = None
+    context_window: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CONTEXT_WINDOW,
+        description="The maximum number of tokens the model reads, which bounds the history sent with each "
+        f"message. Null clears it, and replies then assume {DEFAULT_CONTEXT_WINDOW:,}. A new import from the "
+        "catalogue replaces it.",
+    )
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_OUTPUT_TOKENS,
+        description="The maximum number of tokens in one reply, an upper bound for `settings.max_tokens`. "
+        "Null clears it. A new import from the catalogue replaces it.",
+    )
 
 
 class ModelDefaultRequest(BaseModel):
