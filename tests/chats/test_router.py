@@ -741,8 +741,9 @@ class TestStreaming:
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         await setup_openai_model(client, headers, fake_provider)
-        # Halves of one surrogate pair in two chunks, a lone surrogate and a NUL, none of which can be stored.
-        fake_provider.stream_chunks = ["A\ud83d", "\ude00B", "C\udc00", "D\x00E"]
+        # Halves of one surrogate pair in two chunks, then a lone surrogate and a NUL, neither of which can be
+        # stored, and the first half of a pair whose second half never comes.
+        fake_provider.stream_chunks = ["A\ud83d", "\ude00B", "C\udc00", "D\x00E", "F\ud83d"]
         chat = await new_chat(client, headers)
 
         response = await send(client, headers, chat["id"], stream=True)
@@ -750,7 +751,7 @@ class TestStreaming:
         events = [(name, data) for name, data in parse_sse(response.text) if name != "comment"]
         streamed = "".join(data["content"] for name, data in events if name == "delta")
         stored = await messages_of(client, headers, chat["id"])
-        assert streamed == "A??BC?DE"
+        assert streamed == "A\U0001f600BC\ufffdDEF\ufffd"
         assert events[-1][1]["content"] == streamed
         assert stored[1]["content"] == streamed
 

@@ -1,4 +1,4 @@
-"""Reply generation: store the user's message, call the provider with no database connection held, store
+"""Reply generation: store the user's message, call the provider with no database connection pending_half, store
 the reply.
 
 Each reply runs in its own task that the request only waits for. A client that disconnects (or a
@@ -27,6 +27,7 @@ from pocketllm.chats.schemas import Message, MessageCreate
 from pocketllm.db.engine import Database
 from pocketllm.errors import DATABASE_LOCKED_MESSAGE, DatabaseBusy, PocketLLMError, is_database_locked
 from pocketllm.kit.crypto import SecretBox
+from pocketllm.kit.text import ends_with_high_surrogate, storable_text
 from pocketllm.providers import service as providers_service
 from pocketllm.providers.catalogue import ProviderTarget
 from pocketllm.providers.chat import (
@@ -61,18 +62,6 @@ class ReplyInterrupted(PocketLLMError):
 
 # Extra wait at shutdown for replies still running once the server stopped taking requests.
 SHUTDOWN_REPLY_WAIT_SECONDS = 5.0
-
-
-def storable_text(text: str) -> str:
-    """Drop NUL characters and replace unpaired surrogates: providers can send both, and neither can be
-    stored (PostgreSQL rejects U+0000, and no driver encodes a lone surrogate)."""
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,18 +286,25 @@ class ReplyGenerator:
         # One buffer rather than a list of pieces, because a provider may send a great many tiny ones.
         text = io.StringIO()
         length = 0
+        # The first half of a surrogate pair that ended the last delta, kept until the next delta or the end.
+        pending_half = ""
         try:
             end: StreamEnd | None = None
             # aclosing(): the provider connection is closed even when this loop stops early.
             async with contextlib.aclosing(provider_stream) as items:
                 async for item in items:
-                    if not isinstance(item, ContentDelta):
+                    if isinstance(item, ContentDelta):
+                        received, pending_half = pending_half + item.text, ""
+                        if ends_with_high_surrogate(received):
+                            received, pending_half = received[:-1], received[-1]
+                    else:
                         end = item
-                        continue
+                        received, pending_half = pending_half, ""
                     # Cleaned as the stored reply will be, so that the deltas add up to the stored content.
-                    piece = storable_text(item.text)
+                    piece = storable_text(received)
                     room = self._max_characters - length
-                    if len(piece) > room:
+                    too_long = len(piece) > room
+                    if too_long:
                         piece = piece[:room]
                         end = StreamEnd(
                             finish_reason=None,
@@ -321,7 +317,7 @@ class ReplyGenerator:
                         text.write(piece)
                         length += len(piece)
                         stream.put(StreamItem(delta=piece))
-                    if end is not None:
+                    if too_long:
                         break
             if end is None:
                 # The client yields exactly one StreamEnd; without it the reply cannot be trusted as whole.

@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from pocketllm.db.engine import Database
 from pocketllm.db.types import utcnow
+from pocketllm.kit.text import storable_text
 from pocketllm.models.job import ACTIVE_STATUSES, MAX_ERROR_LOG_LENGTH, Job, JobStatus
 
 log = structlog.get_logger(__name__)
@@ -60,12 +61,6 @@ def retry_delay(attempt: int, base_seconds: float) -> timedelta:
     """Return the wait after failed attempt number `attempt`: the base, twice it, four times it, up to an hour."""
     exponent = min(max(attempt - 1, 0), 32)
     return timedelta(seconds=min(base_seconds * 2**exponent, MAX_RETRY_DELAY_SECONDS))
-
-
-def storable_text(text: str) -> str:
-    """Return `text` without NUL characters and unpaired surrogates, which PostgreSQL cannot store."""
-    text = text.replace("\x00", "")
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def storable_json(value: Any) -> Any:
