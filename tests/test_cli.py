@@ -263,7 +263,13 @@ def test_serve_worker_flag(tmp_path: Path, arguments: tuple[str, ...], worker: s
 
 
 def test_worker_refuses_zero_concurrency(tmp_path: Path) -> None:
-    result = run_cli("worker", "--concurrency", "0", database_url="sqlite+aiosqlite://", data_dir=tmp_path / "data")
+    result = run_cli(
+        "worker",
+        "--concurrency",
+        "0",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        data_dir=tmp_path / "data",
+    )
 
     assert result.returncode == 2
     assert "--concurrency" in result.stderr

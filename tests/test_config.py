@@ -183,6 +183,35 @@ def test_production_lists_every_problem(tmp_path: Path) -> None:
     assert "DATABASE_URL" in message
 
 
+@pytest.mark.parametrize(
+    ("database_url", "expected"),
+    [
+        ("sqlite+aiosqlite:///:memory:", "in-memory"),
+        ("sqlite+aiosqlite://", "in-memory"),
+        ("sqlite+aiosqlite:///file:shared?mode=memory&cache=shared&uri=true", "in-memory"),
+        ("not a url", "not a valid database URL"),
+        ("postgresql://app@127.0.0.1/pocketllm", "driver 'postgresql'"),
+        ("sqlite:///pocketllm.db", "driver 'sqlite'"),
+        ("mysql+aiomysql://app@127.0.0.1/pocketllm", "driver 'mysql+aiomysql'"),
+    ],
+)
+def test_unusable_database_url_rejected(tmp_path: Path, database_url: str, expected: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        resolve_settings(development_settings(tmp_path / "data", database_url=database_url))
+
+    message = str(raised.value)
+    assert message.startswith("DATABASE_URL")
+    assert expected in message
+    assert "postgresql+asyncpg://" in message
+
+
+@pytest.mark.parametrize("database_url", ["sqlite+aiosqlite:///pocketllm.db", POSTGRES_URL])
+def test_supported_database_url_accepted(tmp_path: Path, database_url: str) -> None:
+    settings = resolve_settings(development_settings(tmp_path / "data", database_url=database_url))
+
+    assert settings.effective_database_url == database_url
+
+
 def test_create_app_rejects_production_sqlite(tmp_path: Path) -> None:
     settings = production_settings(tmp_path, database_url=None)
 
@@ -461,6 +490,17 @@ def test_cli_migrate_rejects_production(cli_directories: tuple[Path, Path]) -> N
     assert "ENCRYPTION_KEY" in result.stderr
     assert "DATABASE_URL" in result.stderr
     assert result.stdout == ""
+
+
+def test_cli_serve_rejects_in_memory_database(cli_directories: tuple[Path, Path]) -> None:
+    working_dir, data_dir = cli_directories
+    env = {**clean_environment(), "DATA_DIR": str(data_dir), "DATABASE_URL": "sqlite+aiosqlite:///:memory:"}
+
+    result = run_cli(["serve", "--port", "1"], cwd=working_dir, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "configuration error: DATABASE_URL names an in-memory SQLite database" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_rejection_touches_nothing(cli_directories: tuple[Path, Path]) -> None:

@@ -102,7 +102,7 @@ def fuzz_config(*, max_examples: int, coverage_phase: bool) -> schemathesis.Conf
 def load_openapi_document() -> dict[str, Any]:
     """Fetch /openapi.json from an app that is never started: no database connection, no network."""
     with tempfile.TemporaryDirectory() as data_dir:
-        app = create_app(make_settings("sqlite+aiosqlite://", Path(data_dir)))
+        app = create_app(make_settings(f"sqlite+aiosqlite:///{Path(data_dir) / 'unused.db'}", Path(data_dir)))
         # Outside a `with` block the client does not run the app's lifespan.
         response = schemathesis_asgi.get_client(app).get("/openapi.json")
     assert response.status_code == 200, response.text

@@ -22,6 +22,10 @@ except ImportError:  # Windows has no fcntl; concurrent first starts there may r
     fcntl = None  # type: ignore[assignment]
 from pydantic import AliasChoices, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from pocketllm.db.engine import is_in_memory_sqlite
 
 # Values that people paste from examples; a server must never sign tokens with them in production.
 PLACEHOLDER_SECRETS = frozenset(
@@ -41,6 +45,8 @@ MIN_JWT_SECRET_LENGTH = 32
 JWT_SECRET_FILE = "jwt_secret"  # noqa: S105  (a file name)
 ENCRYPTION_KEY_FILE = "encryption_key"
 SQLITE_FILE = "pocketllm.db"
+# The drivers the server is built and tested with (see pyproject.toml's dependencies).
+SUPPORTED_DATABASE_DRIVERS = frozenset({"sqlite+aiosqlite", "postgresql+asyncpg"})
 
 
 class Environment(StrEnum):
@@ -409,12 +415,33 @@ def _validate_fernet_keys(keys: list[str]) -> None:
             ) from error
 
 
+def _check_database_url(database_url: str) -> None:
+    """Raise ConfigurationError unless `database_url` names a file or server database of a supported driver."""
+    example = "sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user:password@host:5432/dbname"
+    try:
+        url = make_url(database_url)
+    except ArgumentError as error:
+        raise ConfigurationError(f"DATABASE_URL is not a valid database URL; use {example}.") from error
+    if url.drivername not in SUPPORTED_DATABASE_DRIVERS:
+        raise ConfigurationError(
+            f"DATABASE_URL uses the driver {url.drivername!r}, which the server does not support; use {example}."
+        )
+    if is_in_memory_sqlite(url):
+        raise ConfigurationError(
+            "DATABASE_URL names an in-memory SQLite database, which exists separately in each connection: "
+            "requests would not find the tables that the migrations create, and the data is lost at exit; "
+            f"use {example}."
+        )
+
+
 def resolve_settings(settings: Settings) -> Settings:
     """Fill in the embedded defaults and refuse unsafe production settings.
 
     Outside production, a missing JWT secret or encryption key is generated once and kept in the data
     directory, so tokens and encrypted data stay valid across restarts.
     """
+    if settings.database_url is not None:
+        _check_database_url(settings.database_url)
     settings.check_production_safety()
 
     updates: dict[str, Any] = {}

@@ -65,7 +65,8 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _is_in_memory(url: URL) -> bool:
+def is_in_memory_sqlite(url: URL) -> bool:
+    """Tell whether `url` names an in-memory SQLite database, which exists separately in each connection."""
     return url.get_backend_name() == "sqlite" and (
         url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
     )
@@ -101,7 +102,7 @@ def create_engine(
         # SQLAlchemy gives a file database a queue pool. Its own default of 5 connections, plus 10 that are
         # closed on return, opened a connection and its aiosqlite thread for each request past the fifth.
         # An in-memory database gets a static pool, which takes no size.
-        if _is_in_memory(url):
+        if is_in_memory_sqlite(url):
             pool = {}
         engine = create_async_engine(url, hide_parameters=True, **pool)
         use_one_trip_connections(engine)
@@ -277,7 +278,7 @@ class Database:
         benchmarks, and their p99. A checkpoint here runs on a connection's thread while requests go on.
         Returns (0, 0) on PostgreSQL and for an in-memory SQLite database, which have no such log.
         """
-        if self.dialect != "sqlite" or _is_in_memory(self.engine.url):
+        if self.dialect != "sqlite" or is_in_memory_sqlite(self.engine.url):
             # An in-memory database keeps no log, and its one connection is shared by every checkout.
             return 0, 0
         async with self._plain_connection(_SQLITE_SINGLE_READ_OPTIONS) as connection:
