@@ -127,6 +127,7 @@ class TestActivate:
         sent = fake_provider.last_request("/v1/models")
         assert sent.headers["x-api-key"] == VALID_ANTHROPIC_API_KEY
         assert sent.headers["anthropic-version"]
+        assert response.json()["provider"]["message"] == "Verified: the provider accepted the key."
 
     async def test_keyless_provider_needs_no_key(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
@@ -141,6 +142,7 @@ class TestActivate:
 
         assert response.status_code == 200, response.text
         assert response.json()["provider"]["has_api_key"] is False
+        assert response.json()["provider"]["message"] == "Verified: the provider listed its models."
         assert "authorization" not in fake_provider.last_request("/models").headers
 
     @pytest.mark.parametrize("api_key", ["sk-ключ-1234567890123", "sk-with space-123456", "sk-line\nbreak-12345"])

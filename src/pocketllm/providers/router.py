@@ -126,7 +126,7 @@ async def activate_provider(
         providers, ProviderTarget(spec=spec, base_url=target_base_url, api_key=target_key), verify=payload.verify
     )
 
-    values = {"is_active": True, **service.verification_values(verified_at)}
+    values = {"is_active": True, **service.verification_values(verified_at, with_key=target_key is not None)}
     if base_url is not None:
         values["base_url"] = base_url
     if payload.display_name is not None:
@@ -181,7 +181,7 @@ async def update_provider(
     connection_changed = api_key != config_key or base_url != config.base_url
     if connection_changed and is_active:
         verified_at = await check_target(providers, target, verify=payload.verify)
-        values.update(service.verification_values(verified_at))
+        values.update(service.verification_values(verified_at, with_key=api_key is not None))
     elif "base_url" in changed:
         await check_target(providers, target, verify=False)
 

@@ -194,7 +194,10 @@ def to_status(spec: ProviderSpec, config: ProviderConfig | None) -> ProviderStat
     )
 
 
-def verification_values(verified_at: datetime | None) -> dict[str, Any]:
+def verification_values(verified_at: datetime | None, *, with_key: bool) -> dict[str, Any]:
+    """Return the stored status of a configuration checked at `verified_at`, or saved unchecked when None."""
     if verified_at is None:
         return {"status_message": "Saved without verification.", "last_verified_at": None}
+    if not with_key:
+        return {"status_message": "Verified: the provider listed its models.", "last_verified_at": verified_at}
     return {"status_message": "Verified: the provider accepted the key.", "last_verified_at": verified_at}
