@@ -943,13 +943,13 @@ class TestHardening:
         assert response.json()["metadata"] == {"mine": 1}
 
     @pytest.mark.parametrize(
-        "payload",
+        ("payload", "error_type"),
         [
-            b'{"content": "hi", "metadata": {"x": "\\ud800"}}',
-            {"content": "hi", "metadata": {"x": DEEP_NESTING}},
-            b'{"content": "hi", "metadata": {"x": NaN}}',
-            b'{"content": "hi", "metadata": {"x": [1, -Infinity]}}',
-            b'{"content": "hi", "metadata": {"x": 1e400}}',
+            (b'{"content": "hi", "metadata": {"x": "\\ud800"}}', "string_not_storable"),
+            ({"content": "hi", "metadata": {"x": DEEP_NESTING}}, "json_too_deep"),
+            (b'{"content": "hi", "metadata": {"x": NaN}}', "number_not_storable"),
+            (b'{"content": "hi", "metadata": {"x": [1, -Infinity]}}', "number_not_storable"),
+            (b'{"content": "hi", "metadata": {"x": 1e400}}', "number_not_storable"),
         ],
     )
     async def test_unstorable_input_is_422(
@@ -958,6 +958,7 @@ class TestHardening:
         headers: dict[str, str],
         fake_provider: FakeProvider,
         payload: dict[str, Any] | bytes,
+        error_type: str,
     ) -> None:
         await setup_openai_model(client, headers, fake_provider)
         chat = await new_chat(client, headers)
@@ -971,6 +972,7 @@ class TestHardening:
 
         assert response.status_code == 422, response.text
         assert response.json()["code"] == "validation_error"
+        assert [error["type"] for error in response.json()["detail"]] == [error_type]
         assert (await client.get(f"/v1/chats/{chat['id']}", headers=headers)).status_code == 200
         # Nothing was stored, so the chat's history still reads.
         later = await client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "later"})

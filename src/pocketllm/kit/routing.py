@@ -37,6 +37,7 @@ _NOT_FINITE_MESSAGE = "Numbers must be finite: NaN, Infinity and numbers beyond 
 # The error types of the 422 for a body the databases cannot store.
 _STRING_ERROR = "string_not_storable"
 _NUMBER_ERROR = "number_not_storable"
+_DEPTH_ERROR = "json_too_deep"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _BODY_LIMIT_SCOPE_KEY = "pocketllm.body_limit"
 
@@ -231,7 +232,7 @@ def _find_problem(
 ) -> tuple[tuple[str | int, ...], str, str] | None:
     """Return the location, error type and message of the first value in `value` that cannot be stored."""
     if depth > MAX_JSON_DEPTH:
-        return location, _STRING_ERROR, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
+        return location, _DEPTH_ERROR, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
     if isinstance(value, str):
         message = _string_problem(value)
         return (location, _STRING_ERROR, message) if message else None
