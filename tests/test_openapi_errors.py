@@ -1,4 +1,4 @@
-"""The 401 entries of the OpenAPI document list every code an access-token check can return."""
+"""The OpenAPI document: every access-token error code in the 401 entries, and the streamed reply."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def test_profile_401_lists_session_codes(tmp_path: Path) -> None:
 
     for code in ACCESS_TOKEN_ERROR_CODES:
         assert code in description
+
+
+def test_post_message_lists_event_stream(tmp_path: Path) -> None:
+    app = create_app(make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", tmp_path / "data"))
+
+    content = app.openapi()["paths"]["/v1/chats/{chat_id}/messages"]["post"]["responses"]["200"]["content"]
+
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/Message"}
+    assert content["text/event-stream"]["schema"]["properties"]["event"]["enum"] == [
+        "user_message",
+        "delta",
+        "assistant_message",
+        "error",
+    ]
+    assert "event: delta" in content["text/event-stream"]["example"]

@@ -58,6 +58,21 @@ _STREAM_DESCRIPTION = (
     "With `stream: true`: a text/event-stream of `user_message`, `delta`, `assistant_message` and `error` "
     "events with heartbeat comments (see docs/streaming.md)."
 )
+# One event of the stream, whose `data` is JSON text. Schemathesis checks each streamed event against it.
+_STREAM_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["user_message", "delta", "assistant_message", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+_STREAM_EXAMPLE = (
+    'event: user_message\ndata: {"id": "...", "role": "user", "content": "Hi", ...}\n\n'
+    'event: delta\ndata: {"content": "Hello"}\n\n'
+    'event: delta\ndata: {"content": "!"}\n\n'
+    'event: assistant_message\ndata: {"id": "...", "role": "assistant", "content": "Hello!", ...}\n\n'
+)
 
 
 def get_replies(request: Request) -> ReplyGenerator:
@@ -181,7 +196,10 @@ async def list_messages(
     response_model=Message,
     responses={
         **error_responses(*_REPLY_ERRORS),
-        200: {"description": f"The stored reply (or message). {_STREAM_DESCRIPTION}"},
+        200: {
+            "description": f"The stored reply (or message). {_STREAM_DESCRIPTION}",
+            "content": {"text/event-stream": {"schema": _STREAM_EVENT_SCHEMA, "example": _STREAM_EXAMPLE}},
+        },
     },
 )
 async def post_message(
