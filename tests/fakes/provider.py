@@ -204,6 +204,8 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     raw_body: bytes
+    # The port of the connection the request came on: equal ports mean that the client reused a connection.
+    client_port: int | None = None
 
 
 @dataclass
@@ -1127,6 +1129,7 @@ class FakeProvider:
             headers={key.lower(): value for key, value in request.headers.items()},
             body=body,
             raw_body=raw,
+            client_port=request.client.port if request.client else None,
         )
         with self._condition:
             self._requests.append(record)

@@ -70,6 +70,8 @@ class ScriptedReply:
     status: int = 200
     content_type: str = "text/event-stream"
     complete: bool = True
+    # True waits for ScriptedServer.release after the chunks, before the body ends (at most 30 s).
+    hold_before_end: bool = False
 
 
 @dataclass
@@ -77,6 +79,9 @@ class ScriptedServer:
     reply: ScriptedReply = field(default_factory=lambda: ScriptedReply([]))
     received: list[tuple[str, Any]] = field(default_factory=list)
     port: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+    # Set while a reply with `hold_before_end` waits for `release`.
+    holding: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
@@ -102,6 +107,10 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
             if chunk:  # an empty chunk would end a chunked body
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.flush()
+        if reply.hold_before_end:
+            self.scripted.holding.set()
+            self.scripted.release.wait(timeout=30)
+            self.scripted.holding.clear()
         if reply.complete:
             self.wfile.write(b"0\r\n\r\n")
         self.close_connection = True
@@ -126,10 +135,12 @@ def scripted_server() -> Iterator[ScriptedServer]:
 
 
 @pytest.fixture
-def scripted(scripted_server: ScriptedServer) -> ScriptedServer:
+def scripted(scripted_server: ScriptedServer) -> Iterator[ScriptedServer]:
     scripted_server.reply = ScriptedReply([])
     scripted_server.received.clear()
-    return scripted_server
+    scripted_server.release.clear()
+    yield scripted_server
+    scripted_server.release.set()
 
 
 def sse(*payloads: Any, line_break: str = "\n") -> list[bytes]:
@@ -416,6 +427,44 @@ async def test_openai_stream_reply(fake_provider: FakeProvider, http: ProviderHt
     assert end.model == GPT
     assert end.usage is not None
     assert end.usage.completion_tokens == 4
+    assert end.incomplete is False
+    assert end.error is None
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+async def test_stream_reuses_connection(fake_provider: FakeProvider, http: ProviderHttp, protocol: str) -> None:
+    target = target_for(fake_provider, protocol)
+    model = CLAUDE if protocol == "anthropic" else GPT
+
+    for _ in range(3):
+        _texts, end = await collect(stream_chat(http, target, chat_request(model=model)))
+        assert end.incomplete is False
+
+    ports = {request.client_port for request in fake_provider.requests}
+    assert len(fake_provider.requests) == 3
+    assert len(ports) == 1
+
+
+async def test_stream_ends_without_body_end(scripted: ScriptedServer, http: ProviderHttp) -> None:
+    scripted.reply = ScriptedReply(sse(openai_chunk("Done", "stop"), "[DONE]"), hold_before_end=True)
+    target = ProviderTarget(spec=PROVIDERS["custom"], base_url=scripted.url, api_key=None)
+
+    texts, end = await collect(stream_chat(http, target, chat_request()))
+
+    # The reply is complete while the server keeps the body open after [DONE].
+    assert scripted.holding.is_set()
+    assert texts == ["Done"]
+    assert end.incomplete is False
+    assert end.error is None
+
+
+async def test_stream_broken_after_done(scripted: ScriptedServer, http: ProviderHttp) -> None:
+    scripted.reply = ScriptedReply(sse(openai_chunk("Done", "stop"), "[DONE]", openai_chunk("late")), complete=False)
+    target = ProviderTarget(spec=PROVIDERS["custom"], base_url=scripted.url, api_key=None)
+
+    texts, end = await collect(stream_chat(http, target, chat_request()))
+
+    assert texts == ["Done"]
     assert end.incomplete is False
     assert end.error is None
 

@@ -8,6 +8,7 @@ domain error, as `complete_chat` raises it. A failure after some text is reporte
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -32,6 +33,8 @@ log = structlog.get_logger(__name__)
 ChatRole = Literal["system", "user", "assistant"]
 # The optional ChatParameters fields, each sent under the same name when the provider accepts it.
 OPTIONAL_PARAMETERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+# How long a stream's reader waits for the end of the response body after the provider's last event.
+END_OF_BODY_WAIT_SECONDS = 0.25
 
 
 class ChatMessage(NamedTuple):
@@ -224,6 +227,22 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
     if not decoder.ended_cleanly:
         # The standard discards the event that the stream ended inside of, and so does this reader.
         log.info("provider.stream_ended_inside_event", provider=provider)
+
+
+async def read_to_end(events: AsyncGenerator[SseEvent, None]) -> None:
+    """Read the rest of a stream after the provider's last event, for at most END_OF_BODY_WAIT_SECONDS.
+
+    httpcore puts a connection back in its pool only when the response was read to its end, and closes
+    it otherwise. Without this read, each streamed reply would open a new connection (with TLS, a new
+    handshake). What follows the last event, usually only the end of the chunked body, is discarded.
+    """
+    try:
+        async with asyncio.timeout(END_OF_BODY_WAIT_SECONDS):
+            async for _ in events:
+                pass
+    except (TimeoutError, PocketLLMError):
+        # The reply is complete, so only the connection is lost: httpcore closes it.
+        pass
 
 
 def is_json_response(response: httpx.Response) -> bool:

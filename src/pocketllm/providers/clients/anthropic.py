@@ -21,6 +21,7 @@ from pocketllm.providers.chat import (
     parse_json,
     read_json_body,
     read_sse_events,
+    read_to_end,
     selected_parameters,
     stream_with_end,
     token_count,
@@ -181,6 +182,7 @@ async def _stream_text(
                     raise _error_from_object(payload.get("error"), target=target, model=model)
                 if event_type == "message_stop":
                     progress.finished = True
+                    await read_to_end(events)
                     return
                 text = _read_event(event_type, payload, progress, usage)
                 if text:

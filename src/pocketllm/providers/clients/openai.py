@@ -22,6 +22,7 @@ from pocketllm.providers.chat import (
     parse_json,
     read_json_body,
     read_sse_events,
+    read_to_end,
     selected_parameters,
     stream_with_end,
     token_count,
@@ -129,6 +130,7 @@ async def _stream_text(
             async for event in events:
                 if event.data.strip() == "[DONE]":
                     progress.finished = True
+                    await read_to_end(events)
                     return
                 # Parsed in a function, so that this generator keeps no reference to the decoded chunk while it waits.
                 yield _read_event(event, progress, target=target, model=model)
