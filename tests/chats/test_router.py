@@ -1044,3 +1044,31 @@ async def test_busy_pool_reply_gets_503(
         body = assert_error(response, 503, "database_busy")
         assert response.headers["Retry-After"] == "1"
         assert "request id" not in body["detail"]
+
+
+@pytest.mark.postgres_only
+async def test_reply_reads_history_while_storing(
+    app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+) -> None:
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+    fake_provider.reply_text = "First answer"
+    assert (await send(client, headers, chat["id"], "First question")).status_code == 200
+    engine = app.state.database.engine.sync_engine
+    statements: list[str] = []
+
+    def record(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = await send(client, headers, chat["id"], "Second question")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+    assert response.status_code == 200, response.text
+    history_reads = [statement for statement in statements if "FROM messages" in statement]
+    assert len(history_reads) == 1
+    assert "INSERT INTO messages" in history_reads[0]
+    sent = fake_provider.last_request("/chat/completions").body["messages"]
+    assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]

@@ -183,10 +183,9 @@ class ReplyGenerator:
             spec = PROVIDERS[model_config.provider]
             target = providers_service.build_target(spec, model_config, self._secrets)
 
-            user_message = await service.append_message(
-                connection, user_id, chat_id, role="user", content=payload.content, metadata=payload.metadata
+            user_message, history = await service.append_prompt_message(
+                connection, user_id, chat_id, content=payload.content, metadata=payload.metadata
             )
-            history = await service.recent_history(connection, chat_id, before=user_message.sequence)
 
         settings = model_config.settings
         context_window = model_config.context_window or DEFAULT_CONTEXT_WINDOW

@@ -7,7 +7,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Executable, Select, Table, Update, and_, bindparam, case, func, insert, not_, or_, select, update
+from sqlalchemy import (
+    Executable,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
@@ -136,6 +151,14 @@ _chats: Table = Chat.__table__  # type: ignore[assignment]
 _messages: Table = StoredMessage.__table__  # type: ignore[assignment]
 
 
+# User messages whose reply failed are left out of a prompt: the user usually sends them again, and the
+# model should not see the same question twice in a row. The database filters them, so no message's
+# metadata has to be decoded here.
+_FAILED_USER_MESSAGE = and_(
+    StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
+)
+
+
 def _next_sequence_statement(*, name_chat: bool) -> Update:
     values: dict[str, Any] = {"last_sequence": _chats.c.last_sequence + 1, "updated_at": bindparam("p_now")}
     if name_chat:
@@ -149,11 +172,13 @@ def _next_sequence_statement(*, name_chat: bool) -> Update:
     )
 
 
-def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
+def _numbered_insert_statement(next_sequence: Update, *, with_history: bool = False) -> Select[Any]:
     """Build one PostgreSQL statement that numbers and inserts a message: the UPDATE and the INSERT run as
     data-modifying CTEs, and the statement returns the new sequence number and the chat's title.
 
-    A chat that is not the user's updates no row, so nothing is inserted and no row comes back.
+    With `with_history` each row also contains the role and content of one earlier message, newest first, as
+    `recent_history` reads them, or NULLs in a single row when there is none. A chat that is not the user's
+    updates no row, so nothing is inserted and no row comes back.
     """
     numbered = next_sequence.cte("numbered")
     stored = (
@@ -174,7 +199,25 @@ def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
         .returning(_messages.c.id)
         .cte("stored")
     )
-    return select(numbered.c.last_sequence, numbered.c.title).add_cte(stored)
+    if not with_history:
+        return select(numbered.c.last_sequence, numbered.c.title).add_cte(stored)
+    history = (
+        select(_messages.c.sequence, _messages.c.role, _messages.c.content)
+        .where(
+            _messages.c.chat_id == bindparam("p_chat_id"),
+            _messages.c.sequence < numbered.c.last_sequence,
+            not_(_FAILED_USER_MESSAGE),
+        )
+        .order_by(_messages.c.sequence.desc())
+        .limit(HISTORY_LIMIT)
+        .lateral("history")
+    )
+    return (
+        select(numbered.c.last_sequence, numbered.c.title, history.c.role, history.c.content)
+        .select_from(numbered.outerjoin(history, true()))
+        .add_cte(stored)
+        .order_by(history.c.sequence.desc())
+    )
 
 
 _NEXT_SEQUENCE = _next_sequence_statement(name_chat=False)
@@ -183,6 +226,9 @@ _NEXT_SEQUENCE_NAMING_CHAT = _next_sequence_statement(name_chat=True)
 _INSERT_MESSAGE = insert(_messages).values({column.key: bindparam(f"p_{column.key}") for column in _messages.columns})
 _NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
 _NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
+_PROMPT_MESSAGE_WITH_HISTORY = DriverQuery(
+    _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT, with_history=True), writes=True
+)
 # The same statements for the driver's own call, used on the plain connection of `Database.statements()`.
 _ON_DRIVER: dict[Executable, DriverQuery] = {
     statement: DriverQuery(statement, writes=True)
@@ -318,12 +364,6 @@ async def list_messages(
     return (await connection.execute(statement)).all()
 
 
-# User messages whose reply failed are left out of a prompt: the user usually sends them again, and the
-# model should not see the same question twice in a row. The database filters them, so no message's
-# metadata has to be decoded here.
-_FAILED_USER_MESSAGE = and_(
-    StoredMessage.role == "user", StoredMessage.extra_metadata["reply_error"].as_string().is_not(None)
-)
 _RECENT_HISTORY = DriverQuery(
     select(StoredMessage.role, StoredMessage.content)
     .where(
@@ -340,6 +380,60 @@ async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, bef
     """Load the (role, content) pairs of the messages before sequence `before`, newest first, at most
     HISTORY_LIMIT of them, without user messages whose reply failed."""
     return await _RECENT_HISTORY.values(connection, {"p_chat_id": chat_id, "p_before": before})
+
+
+async def append_prompt_message(
+    connection: AsyncConnection,
+    user_id: uuid.UUID,
+    chat_id: uuid.UUID,
+    *,
+    content: str,
+    metadata: dict[str, Any] | None,
+) -> tuple[Message, Sequence[Sequence[str]]]:
+    """Store a user message that gets a reply, and return it with the history before it, as `recent_history`
+    returns it. Raises ChatNotFound if the chat is gone.
+
+    On PostgreSQL one statement numbers and stores the message and reads the history, which saves a round
+    trip. The history then comes from the snapshot that the statement started with. So a message that
+    another request stores in the same chat at the same moment can be numbered before this one and still be
+    missing from its history, as if the two had been sent the other way round. On SQLite, which runs one
+    write transaction at a time, the history is read after the insert.
+    """
+    if connection.dialect.name != "postgresql":
+        message = await append_message(connection, user_id, chat_id, role="user", content=content, metadata=metadata)
+        return message, await recent_history(connection, chat_id, before=message.sequence)
+
+    now = utcnow()
+    message_id = uuid.uuid4()
+    rows = await _PROMPT_MESSAGE_WITH_HISTORY.values(
+        connection,
+        {
+            "p_chat_id": chat_id,
+            "p_user_id": user_id,
+            "p_now": now,
+            "p_title": derive_title(content),
+            "p_id": message_id,
+            "p_role": "user",
+            "p_content": content,
+            "p_status": "complete",
+            "p_metadata": metadata,
+        },
+    )
+    if not rows:
+        raise ChatNotFound()
+    sequence = rows[0][0]
+    history = [(role, text) for _, _, role, text in rows if role is not None]
+    message = Message(
+        id=message_id,
+        chat_id=chat_id,
+        role="user",
+        content=content,
+        sequence=sequence,
+        status="complete",
+        metadata=metadata or {},
+        created_at=now,
+    )
+    return message, history
 
 
 @dataclass(frozen=True, slots=True)
