@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from fastapi import FastAPI
-from sqlalchemy import delete, event, func, select, text
+from sqlalchemy import delete, event, func, select, text, update
 
 from pocketllm.db.engine import Database
-from pocketllm.models import Chat, ModelConfig, StoredMessage
+from pocketllm.models import Chat, ModelConfig, ProviderConfig, StoredMessage
 from pocketllm.providers.chat import ChatMessage, ChatRequest
 from tests.asgi import disconnect_after_chunks, parse_sse
 from tests.fakes.provider import VALID_ANTHROPIC_API_KEY, VALID_API_KEY, FakeProvider
@@ -391,6 +392,61 @@ class TestReplies:
         chat = await new_chat(client, headers)
 
         assert_error(await send(client, headers, chat["id"]), 400, "provider_not_configured")
+
+    @pytest.mark.parametrize("case", ["deleted", "deactivated", "key_missing", "unknown_provider"])
+    async def test_unusable_provider_stores_nothing(
+        self,
+        client: httpx.AsyncClient,
+        headers: dict[str, str],
+        fake_provider: FakeProvider,
+        database: Database,
+        case: str,
+    ) -> None:
+        model = await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        if case == "deleted":
+            assert (await client.delete("/v1/providers/openai", headers=headers)).status_code == 204
+        elif case == "deactivated":
+            patched = await client.patch("/v1/providers/openai", headers=headers, json={"is_active": False})
+            assert patched.status_code == 200, patched.text
+        else:
+            async with database.transaction() as session:
+                if case == "key_missing":
+                    await session.execute(update(ProviderConfig).values(api_key_encrypted=None))
+                else:
+                    # Both rows still name a provider that this version of the server no longer has.
+                    await session.execute(update(ProviderConfig).values(provider="retired-provider"))
+                    await session.execute(
+                        update(ModelConfig)
+                        .where(ModelConfig.id == uuid.UUID(model["id"]))
+                        .values(provider="retired-provider")
+                    )
+        calls = len(fake_provider.requests)
+
+        response = await send(client, headers, chat["id"])
+
+        assert_error(response, 400, "provider_not_configured")
+        assert await messages_of(client, headers, chat["id"]) == []
+        assert len(fake_provider.requests) == calls
+
+    async def test_unreadable_key_marks_message_failed(
+        self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider, database: Database
+    ) -> None:
+        await setup_openai_model(client, headers, fake_provider)
+        chat = await new_chat(client, headers)
+        # Encrypted with a key that this server does not have.
+        foreign_key = Fernet(Fernet.generate_key()).encrypt(b"sk-other-0123456789").decode()
+        async with database.transaction() as session:
+            await session.execute(update(ProviderConfig).values(api_key_encrypted=foreign_key))
+        calls = len(fake_provider.requests)
+
+        response = await send(client, headers, chat["id"], "Are you there?")
+
+        body = assert_error(response, 400, "provider_key_unreadable")
+        stored = await messages_of(client, headers, chat["id"])
+        assert [message["content"] for message in stored] == ["Are you there?"]
+        assert stored[0]["metadata"]["reply_error"]["code"] == body["code"]
+        assert len(fake_provider.requests) == calls
 
     async def test_deleted_model_falls_back_to_default(
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
@@ -1047,7 +1103,7 @@ async def test_busy_pool_reply_gets_503(
 
 
 @pytest.mark.postgres_only
-async def test_reply_reads_history_while_storing(
+async def test_reply_prepared_in_one_statement(
     app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
 ) -> None:
     await setup_openai_model(client, headers, fake_provider)
@@ -1067,8 +1123,12 @@ async def test_reply_reads_history_while_storing(
         event.remove(engine, "before_cursor_execute", record)
 
     assert response.status_code == 200, response.text
-    history_reads = [statement for statement in statements if "FROM messages" in statement]
-    assert len(history_reads) == 1
-    assert "INSERT INTO messages" in history_reads[0]
+    # The session check is answered from memory. One statement reads the model, stores the user's message
+    # and reads the history, and one stores the reply.
+    assert len(statements) == 2
+    assert "JOIN model_configs" in statements[0]
+    assert "INSERT INTO messages" in statements[0]
+    assert "FROM messages" in statements[0]
+    assert "JOIN model_configs" not in statements[1]
     sent = fake_provider.last_request("/chat/completions").body["messages"]
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]

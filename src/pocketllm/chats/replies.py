@@ -1,4 +1,4 @@
-"""Reply generation: store the user's message, call the provider with no database connection pending_half, store
+"""Reply generation: store the user's message, call the provider with no database connection held, store
 the reply.
 
 Each reply runs in its own task that the request only waits for. A client that disconnects (or a
@@ -176,16 +176,27 @@ class ReplyGenerator:
         Returns the prepared reply and the stored user message. The message is not part of PreparedReply,
         which the reply task keeps until the reply is stored, so that an open stream does not hold it.
         """
-        # Each statement is atomic on its own: nothing is stored before the model is known to be usable,
-        # and the message is numbered and inserted in one statement on PostgreSQL.
+        # Each statement is atomic on its own: nothing is stored unless the model is usable, and the message
+        # is numbered and inserted in one statement (on PostgreSQL the same statement does all of it).
         async with self._database.statements() as connection:
-            model_config = await service.resolve_model(connection, user_id, chat_id)
-            spec = PROVIDERS[model_config.provider]
-            target = providers_service.build_target(spec, model_config, self._secrets)
-
-            user_message, history = await service.append_prompt_message(
+            start = await service.start_reply(
                 connection, user_id, chat_id, content=payload.content, metadata=payload.metadata
             )
+        model_config, user_message, history = start.model, start.message, start.history
+        record = ReplyRecord(
+            user_id=user_id,
+            chat_id=chat_id,
+            user_message_id=user_message.id,
+            model_config_id=model_config.id,
+            provider=model_config.provider,
+            model=model_config.model,
+        )
+        try:
+            target = providers_service.build_target(PROVIDERS[model_config.provider], model_config, self._secrets)
+        except PocketLLMError as error:
+            # An API key that this server cannot decrypt: the message is stored, so it is marked as failed,
+            # as when the provider rejects a key.
+            raise await self._fail(record, error) from error
 
         settings = model_config.settings
         context_window = model_config.context_window or DEFAULT_CONTEXT_WINDOW
@@ -209,14 +220,6 @@ class ReplyGenerator:
                 frequency_penalty=settings.get("frequency_penalty"),
                 presence_penalty=settings.get("presence_penalty"),
             ),
-        )
-        record = ReplyRecord(
-            user_id=user_id,
-            chat_id=chat_id,
-            user_message_id=user_message.id,
-            model_config_id=model_config.id,
-            provider=target.provider,
-            model=request.model,
         )
         prepared = PreparedReply(record=record, target=target, request=request)
         return prepared, user_message

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     Executable,
     Select,
+    String,
     Table,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     func,
@@ -23,6 +26,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
@@ -172,16 +176,9 @@ def _next_sequence_statement(*, name_chat: bool) -> Update:
     )
 
 
-def _numbered_insert_statement(next_sequence: Update, *, with_history: bool = False) -> Select[Any]:
-    """Build one PostgreSQL statement that numbers and inserts a message: the UPDATE and the INSERT run as
-    data-modifying CTEs, and the statement returns the new sequence number and the chat's title.
-
-    With `with_history` each row also contains the role and content of one earlier message, newest first, as
-    `recent_history` reads them, or NULLs in a single row when there is none. A chat that is not the user's
-    updates no row, so nothing is inserted and no row comes back.
-    """
-    numbered = next_sequence.cte("numbered")
-    stored = (
+def _stored_message_cte(numbered: CTE) -> CTE:
+    """Build the data-modifying CTE that inserts a message numbered by the `numbered` CTE (its UPDATE)."""
+    return (
         insert(_messages)
         .from_select(
             ["id", "chat_id", "sequence", "role", "content", "status", "metadata", "created_at"],
@@ -199,25 +196,16 @@ def _numbered_insert_statement(next_sequence: Update, *, with_history: bool = Fa
         .returning(_messages.c.id)
         .cte("stored")
     )
-    if not with_history:
-        return select(numbered.c.last_sequence, numbered.c.title).add_cte(stored)
-    history = (
-        select(_messages.c.sequence, _messages.c.role, _messages.c.content)
-        .where(
-            _messages.c.chat_id == bindparam("p_chat_id"),
-            _messages.c.sequence < numbered.c.last_sequence,
-            not_(_FAILED_USER_MESSAGE),
-        )
-        .order_by(_messages.c.sequence.desc())
-        .limit(HISTORY_LIMIT)
-        .lateral("history")
-    )
-    return (
-        select(numbered.c.last_sequence, numbered.c.title, history.c.role, history.c.content)
-        .select_from(numbered.outerjoin(history, true()))
-        .add_cte(stored)
-        .order_by(history.c.sequence.desc())
-    )
+
+
+def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
+    """Build one PostgreSQL statement that numbers and inserts a message: the UPDATE and the INSERT run as
+    data-modifying CTEs, and the statement returns the new sequence number and the chat's title.
+
+    A chat that is not the user's updates no row, so nothing is inserted and no row comes back.
+    """
+    numbered = next_sequence.cte("numbered")
+    return select(numbered.c.last_sequence, numbered.c.title).add_cte(_stored_message_cte(numbered))
 
 
 _NEXT_SEQUENCE = _next_sequence_statement(name_chat=False)
@@ -226,9 +214,6 @@ _NEXT_SEQUENCE_NAMING_CHAT = _next_sequence_statement(name_chat=True)
 _INSERT_MESSAGE = insert(_messages).values({column.key: bindparam(f"p_{column.key}") for column in _messages.columns})
 _NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
 _NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
-_PROMPT_MESSAGE_WITH_HISTORY = DriverQuery(
-    _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT, with_history=True), writes=True
-)
 # The same statements for the driver's own call, used on the plain connection of `Database.statements()`.
 _ON_DRIVER: dict[Executable, DriverQuery] = {
     statement: DriverQuery(statement, writes=True)
@@ -382,60 +367,6 @@ async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, bef
     return await _RECENT_HISTORY.values(connection, {"p_chat_id": chat_id, "p_before": before})
 
 
-async def append_prompt_message(
-    connection: AsyncConnection,
-    user_id: uuid.UUID,
-    chat_id: uuid.UUID,
-    *,
-    content: str,
-    metadata: dict[str, Any] | None,
-) -> tuple[Message, Sequence[Sequence[str]]]:
-    """Store a user message that gets a reply, and return it with the history before it, as `recent_history`
-    returns it. Raises ChatNotFound if the chat is gone.
-
-    On PostgreSQL one statement numbers and stores the message and reads the history, which saves a round
-    trip. The history then comes from the snapshot that the statement started with. So a message that
-    another request stores in the same chat at the same moment can be numbered before this one and still be
-    missing from its history, as if the two had been sent the other way round. On SQLite, which runs one
-    write transaction at a time, the history is read after the insert.
-    """
-    if connection.dialect.name != "postgresql":
-        message = await append_message(connection, user_id, chat_id, role="user", content=content, metadata=metadata)
-        return message, await recent_history(connection, chat_id, before=message.sequence)
-
-    now = utcnow()
-    message_id = uuid.uuid4()
-    rows = await _PROMPT_MESSAGE_WITH_HISTORY.values(
-        connection,
-        {
-            "p_chat_id": chat_id,
-            "p_user_id": user_id,
-            "p_now": now,
-            "p_title": derive_title(content),
-            "p_id": message_id,
-            "p_role": "user",
-            "p_content": content,
-            "p_status": "complete",
-            "p_metadata": metadata,
-        },
-    )
-    if not rows:
-        raise ChatNotFound()
-    sequence = rows[0][0]
-    history = [(role, text) for _, _, role, text in rows if role is not None]
-    message = Message(
-        id=message_id,
-        chat_id=chat_id,
-        role="user",
-        content=content,
-        sequence=sequence,
-        status="complete",
-        metadata=metadata or {},
-        created_at=now,
-    )
-    return message, history
-
-
 @dataclass(frozen=True, slots=True)
 class ReplyModel:
     """The model configuration that a reply uses, with the stored parts of its provider's configuration."""
@@ -452,19 +383,19 @@ class ReplyModel:
 
 # The chat's own model configuration sorts before the user's default, so one row answers both questions.
 # Columns, not ORM objects, so that the reply path needs no ORM session.
-_REPLY_MODEL = DriverQuery(
+_REPLY_MODEL_SELECT = (
     select(
-        Chat.id,
-        ModelConfig.id,
+        Chat.id.label("chat_id"),
+        ModelConfig.id.label("model_config_id"),
         ModelConfig.provider,
         ModelConfig.model,
         ModelConfig.display_name,
         ModelConfig.settings,
         ModelConfig.context_window,
         ModelConfig.max_output_tokens,
-        ModelConfig.is_active,
-        ProviderConfig.id,
-        ProviderConfig.is_active,
+        ModelConfig.is_active.label("model_is_active"),
+        ProviderConfig.id.label("provider_config_id"),
+        ProviderConfig.is_active.label("provider_is_active"),
         ProviderConfig.base_url,
         ProviderConfig.api_key_encrypted,
     )
@@ -483,14 +414,62 @@ _REPLY_MODEL = DriverQuery(
     .order_by(case((ModelConfig.id == Chat.model_config_id, 0), else_=1))
     .limit(1)
 )
+_REPLY_MODEL = DriverQuery(_REPLY_MODEL_SELECT)
+_REPLY_MODEL_WIDTH = len(_REPLY_MODEL_SELECT.selected_columns)
+_KNOWN_PROVIDERS = sorted(PROVIDERS)
+_KEYLESS_PROVIDERS = sorted(spec.id for spec in PROVIDERS.values() if not spec.requires_api_key)
 
 
-async def resolve_model(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
-    """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
-    provider. Raises ChatNotFound when the user has no such chat."""
-    row = await _REPLY_MODEL.first(connection, {"p_chat_id": chat_id, "p_user_id": user_id})
-    if row is None:
-        raise ChatNotFound()
+def _prompt_message_statement() -> Select[Any]:
+    """Build the PostgreSQL statement that prepares a reply in one round trip.
+
+    It reads the reply's model (`_REPLY_MODEL_SELECT`), numbers and stores the user's message only when
+    `_reply_model` would accept that model, and reads the history before the message as `recent_history`
+    does. Each row contains the model's columns, the new sequence number and the chat's title (NULL when
+    nothing was stored), and the role and content of one earlier message, newest first (NULL in a single
+    row when there is none). A chat that is not the user's returns no row.
+    """
+    model = _REPLY_MODEL_SELECT.cte("model")
+    usable = (
+        select(model.c.chat_id)
+        .where(
+            model.c.model_config_id.is_not(None),
+            model.c.model_is_active.is_(True),
+            model.c.provider_config_id.is_not(None),
+            model.c.provider_is_active.is_(True),
+            model.c.provider == any_(bindparam("p_known_providers", type_=ARRAY(String))),
+            or_(
+                model.c.api_key_encrypted.is_not(None),
+                model.c.provider == any_(bindparam("p_keyless_providers", type_=ARRAY(String))),
+            ),
+        )
+        .exists()
+    )
+    numbered = _next_sequence_statement(name_chat=True).where(usable).cte("numbered")
+    history = (
+        select(_messages.c.sequence, _messages.c.role, _messages.c.content)
+        .where(
+            _messages.c.chat_id == bindparam("p_chat_id"),
+            _messages.c.sequence < numbered.c.last_sequence,
+            not_(_FAILED_USER_MESSAGE),
+        )
+        .order_by(_messages.c.sequence.desc())
+        .limit(HISTORY_LIMIT)
+        .lateral("history")
+    )
+    return (
+        select(*model.c, numbered.c.last_sequence, numbered.c.title, history.c.role, history.c.content)
+        .select_from(model.outerjoin(numbered, true()).outerjoin(history, true()))
+        .add_cte(_stored_message_cte(numbered))
+        .order_by(history.c.sequence.desc())
+    )
+
+
+_PROMPT_MESSAGE = DriverQuery(_prompt_message_statement(), writes=True)
+
+
+def _reply_model(row: Sequence[Any]) -> ReplyModel:
+    """Check a row of `_REPLY_MODEL_SELECT` and return its model; raises when the model cannot reply."""
     (
         _,
         model_config_id,
@@ -529,6 +508,86 @@ async def resolve_model(connection: AsyncConnection, user_id: uuid.UUID, chat_id
         base_url=base_url,
         api_key_encrypted=api_key_encrypted,
     )
+
+
+async def resolve_model(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
+    """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
+    provider. Raises ChatNotFound when the user has no such chat."""
+    row = await _REPLY_MODEL.first(connection, {"p_chat_id": chat_id, "p_user_id": user_id})
+    if row is None:
+        raise ChatNotFound()
+    return _reply_model(row)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyStart:
+    """The start of a reply: its model, the stored user message and the history before it."""
+
+    model: ReplyModel
+    message: Message
+    history: Sequence[Sequence[str]]
+
+
+async def start_reply(
+    connection: AsyncConnection,
+    user_id: uuid.UUID,
+    chat_id: uuid.UUID,
+    *,
+    content: str,
+    metadata: dict[str, Any] | None,
+) -> ReplyStart:
+    """Find the reply's model, store the user's message, and read the history before it.
+
+    Raises ChatNotFound, ModelNotConfigured or ProviderNotConfigured, and then stores nothing. On
+    PostgreSQL one statement does all three, which saves two round trips. Its history comes from the
+    snapshot that the statement started with. A message that another request stores in the same chat at
+    the same moment can therefore be numbered before this one and still be missing from its history, as
+    if the two had been sent the other way round. On SQLite, which runs one write transaction at a time,
+    each step is its own statement and the history is read after the insert.
+    """
+    if connection.dialect.name != "postgresql":
+        model = await resolve_model(connection, user_id, chat_id)
+        message = await append_message(connection, user_id, chat_id, role="user", content=content, metadata=metadata)
+        return ReplyStart(model, message, await recent_history(connection, chat_id, before=message.sequence))
+
+    now = utcnow()
+    message_id = uuid.uuid4()
+    rows = await _PROMPT_MESSAGE.values(
+        connection,
+        {
+            "p_chat_id": chat_id,
+            "p_user_id": user_id,
+            "p_known_providers": _KNOWN_PROVIDERS,
+            "p_keyless_providers": _KEYLESS_PROVIDERS,
+            "p_now": now,
+            "p_title": derive_title(content),
+            "p_id": message_id,
+            "p_role": "user",
+            "p_content": content,
+            "p_status": "complete",
+            "p_metadata": metadata,
+        },
+    )
+    if not rows:
+        raise ChatNotFound()
+    first = rows[0]
+    model = _reply_model(first[:_REPLY_MODEL_WIDTH])
+    sequence = first[_REPLY_MODEL_WIDTH]
+    if sequence is None:
+        # The model was usable, so the chat row was deleted after the statement's snapshot was taken.
+        raise ChatNotFound()
+    message = Message(
+        id=message_id,
+        chat_id=chat_id,
+        role="user",
+        content=content,
+        sequence=sequence,
+        status="complete",
+        metadata=metadata or {},
+        created_at=now,
+    )
+    history = [(row[-2], row[-1]) for row in rows if row[-2] is not None]
+    return ReplyStart(model, message, history)
 
 
 async def record_reply_failure(
