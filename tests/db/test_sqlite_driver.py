@@ -4,6 +4,7 @@ same results, errors and connection arguments as aiosqlite's own cursors."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from pocketllm.db import engine as engine_module
 from pocketllm.db.engine import SQLITE_BEGIN_OPTION, SQLITE_NO_BEGIN, create_engine
 from pocketllm.db.sqlite_driver import OneTripConnection
 
@@ -37,14 +39,19 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 def thread_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every call that aiosqlite queues for a connection's thread, by the called function's name.
 
-    OneTripConnection queues each call wrapped in its `_counted`, so the wrapped function is recorded.
+    OneTripConnection queues each call wrapped in its `_counted`, so the wrapped function is recorded, after
+    the deferred BEGIN that runs before it in the same trip ("BEGIN IMMEDIATE; _execute").
     """
     trips: list[str] = []
     queue_call = aiosqlite.Connection._execute
 
     async def counted(connection: aiosqlite.Connection, function: Any, *args: Any, **kwargs: Any) -> Any:
-        called = args[0] if getattr(function, "__name__", None) == "_counted" else function
-        trips.append(getattr(called, "__name__", repr(called)))
+        begin = None
+        called = function
+        if getattr(function, "__name__", None) == "_counted":
+            begin, called = args[0], args[1]
+        name = getattr(called, "__name__", repr(called))
+        trips.append(f"{begin}; {name}" if begin else name)
         return await queue_call(connection, function, *args, **kwargs)
 
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
@@ -109,6 +116,56 @@ async def test_url_arguments_reach_sqlite3(engine: AsyncEngine, tmp_path: Path) 
         await read_only.dispose()
 
     assert count == 5
+
+
+async def test_begin_shares_first_statement_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(update(_NOTES).where(_NOTES.c.id == 1).values(body="first edit"))
+        await connection.execute(update(_NOTES).where(_NOTES.c.id == 2).values(body="second edit"))
+    write_trips = list(thread_trips)
+    thread_trips.clear()
+    async with engine.connect() as connection:
+        await connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+        async with connection.begin():
+            edited = (await connection.execute(select(_NOTES.c.id).where(_NOTES.c.body.like("% edit")))).all()
+
+    assert write_trips == ["BEGIN IMMEDIATE; _execute", "_execute", "commit"]
+    assert thread_trips == ["BEGIN DEFERRED; _execute", "commit"]
+    assert [row.id for row in edited] == [1, 2]
+
+
+async def test_empty_transaction_makes_no_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
+    async with engine.begin():
+        pass
+    async with engine.connect() as connection:
+        await connection.begin()
+        await connection.rollback()
+
+    assert thread_trips == []
+
+
+async def test_locked_begin_fails_first_statement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    path = tmp_path / "locked.sqlite3"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_METADATA.create_all)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError, match="database is locked"):
+            async with engine.begin() as connection:
+                await connection.execute(insert(_NOTES).values(body="blocked"))
+        other.execute("ROLLBACK")
+        async with engine.begin() as connection:
+            await connection.execute(insert(_NOTES).values(body="after the lock"))
+        async with engine.connect() as connection:
+            bodies = (await connection.execute(select(_NOTES.c.body))).scalars().all()
+    finally:
+        other.close()
+        await engine.dispose()
+
+    assert bodies == ["after the lock"]
 
 
 async def test_returning_a_connection_without_transaction_makes_no_trip(

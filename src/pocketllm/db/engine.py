@@ -15,7 +15,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from pocketllm.db.sqlite_driver import use_one_trip_connections
+from pocketllm.db.sqlite_driver import OneTripConnection, use_one_trip_connections
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 # For a process that checkpoints in the background (`Database.checkpoint_wal()`): SQLite checkpoints in
@@ -62,7 +62,19 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
         if mode == SQLITE_NO_BEGIN:
             return
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        statement = f"BEGIN {mode}"
+        driver_connection = connection.connection.driver_connection
+        if not isinstance(driver_connection, OneTripConnection):
+            connection.exec_driver_sql(statement)
+            return
+        # Sent with the transaction's first statement, which saves a trip to the connection's thread.
+        # Statement listeners still see the BEGIN here, as they would with exec_driver_sql.
+        dispatch = connection.dispatch
+        if dispatch.before_cursor_execute:
+            dispatch.before_cursor_execute(connection, None, statement, (), None, False)
+        driver_connection.defer_begin(statement)
+        if dispatch.after_cursor_execute:
+            dispatch.after_cursor_execute(connection, None, statement, (), None, False)
 
 
 def is_in_memory_sqlite(url: URL) -> bool:

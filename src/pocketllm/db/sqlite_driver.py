@@ -8,7 +8,8 @@ description, rowcount) return what that call stored. On a 2-core machine this cu
 statement by 40 to 50% (see docs/benchmarks.md, "Fourth round").
 
 The connection also skips the trip of a rollback when no transaction is open and no call is waiting for
-the thread (see `OneTripConnection.rollback`).
+the thread (see `OneTripConnection.rollback`), and sends a transaction's BEGIN in the same trip as its
+first statement (see `OneTripConnection.defer_begin`).
 
 It relies on three private attributes of aiosqlite 0.22's Connection: `_execute` (queue a call for the
 thread, which OneTripConnection overrides to count the calls), `_conn` (the sqlite3 connection) and
@@ -123,6 +124,8 @@ class OneTripConnection(aiosqlite.Connection):
         # Each is changed by one thread only (the event loop's and the connection's).
         self._queued = 0
         self._finished = 0
+        # A BEGIN statement that runs on the thread just before the next call (see defer_begin).
+        self._pending_begin: str | None = None
 
     def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
@@ -132,15 +135,33 @@ class OneTripConnection(aiosqlite.Connection):
         outcome: _Outcome = await self._execute(function, self, *arguments)
         return outcome
 
+    def defer_begin(self, statement: str) -> None:
+        """Send `statement` (a BEGIN) in the same trip as the next call, instead of in a trip of its own.
+
+        An error of the BEGIN, such as SQLITE_BUSY after the busy timeout, is then raised by that call. A
+        transaction that ends before any call sends neither its BEGIN nor its COMMIT or ROLLBACK.
+        """
+        self._pending_begin = statement
+
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self._queued += 1
-        return await super()._execute(self._counted, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+        begin, self._pending_begin = self._pending_begin, None
+        return await super()._execute(self._counted, begin, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
 
-    def _counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _counted(self, begin: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
+            if begin is not None:
+                self._conn.execute(begin)
             return fn(*args, **kwargs)
         finally:
             self._finished += 1
+
+    async def commit(self) -> None:
+        """Commit the open transaction; one whose BEGIN was never sent has nothing to commit."""
+        if self._pending_begin is not None:
+            self._pending_begin = None
+            return
+        await super().commit()
 
     async def rollback(self) -> None:
         """Roll back the open transaction; when the connection is idle with none open, skip the trip.
@@ -151,9 +172,14 @@ class OneTripConnection(aiosqlite.Connection):
         thread and back. A call still queued or running (one whose caller was cancelled, say) could begin
         a transaction after the state is read, so the rollback is queued behind it as before.
         """
+        self._pending_begin = None
         if self._queued == self._finished and not self._conn.in_transaction:
             return
         await super().rollback()
+
+    async def close(self) -> None:
+        self._pending_begin = None
+        await super().close()
 
 
 async def _connect(connector: Callable[[], sqlite3.Connection]) -> OneTripConnection:
