@@ -53,6 +53,11 @@ async def setup_openai_model(
     return model
 
 
+async def patch_model(client: httpx.AsyncClient, headers: dict[str, str], model_id: str, **fields: Any) -> None:
+    patched = await client.patch(f"/v1/models/{model_id}", headers=headers, json=fields)
+    assert patched.status_code == 200, patched.text
+
+
 async def new_chat(client: httpx.AsyncClient, headers: dict[str, str], **payload: Any) -> dict[str, Any]:
     response = await client.post("/v1/chats", headers=headers, json=payload)
     assert response.status_code == 200, response.text
@@ -311,8 +316,7 @@ class TestReplies:
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         model = await setup_openai_model(client, headers, fake_provider, max_tokens=100)
-        patched = await client.patch(f"/v1/models/{model['id']}", headers=headers, json={"context_window": 400})
-        assert patched.status_code == 200, patched.text
+        await patch_model(client, headers, model["id"], context_window=400)
         chat = await new_chat(client, headers)
         for index in range(6):
             await client.post(
@@ -332,8 +336,7 @@ class TestReplies:
         self, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
     ) -> None:
         model = await setup_openai_model(client, headers, fake_provider, max_tokens=500)
-        patched = await client.patch(f"/v1/models/{model['id']}", headers=headers, json={"max_output_tokens": 120})
-        assert patched.status_code == 200, patched.text
+        await patch_model(client, headers, model["id"], max_output_tokens=120)
         chat = await new_chat(client, headers)
 
         await send(client, headers, chat["id"], "Short answer, please")
