@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.db.engine import Database
@@ -365,3 +367,30 @@ async def test_keys_rotate_reports_unreadable_keys(database_url: str, tmp_path: 
     assert result.returncode == 1
     assert "groq" in result.stderr
     assert "sk-lost" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve", "worker"])
+def test_unreachable_database_is_one_line(command: str, tmp_path: Path) -> None:
+    # Nothing listens on port 1, so the connection is refused at once.
+    database_url = "postgresql+asyncpg://app:hunter2-password@127.0.0.1:1/pocketllm"
+    arguments = [command, "--port", "1"] if command == "serve" else [command]
+
+    result = run_cli(*arguments, database_url=database_url, data_dir=tmp_path / "data")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("pocketllm: the database in DATABASE_URL cannot be used: ")
+    assert "Connect call failed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hunter2-password" not in result.stderr
+
+
+@pytest.mark.postgres_only
+def test_missing_database_is_one_line(database_url: str, tmp_path: Path) -> None:
+    missing = make_url(database_url).set(database=f"missing_{uuid.uuid4().hex}")
+
+    result = run_cli("migrate", database_url=missing.render_as_string(hide_password=False), data_dir=tmp_path / "data")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("pocketllm: the database in DATABASE_URL cannot be used: ")
+    assert f'database "{missing.database}" does not exist' in result.stderr
+    assert "Traceback" not in result.stderr

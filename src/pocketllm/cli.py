@@ -7,6 +7,7 @@ import asyncio
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -15,6 +16,7 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from cryptography.fernet import Fernet
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm import __version__
@@ -167,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as error:
         print(f"pocketllm: {error.message}", file=sys.stderr)
         return 2
+    except (DBAPIError, ConnectionError, socket.gaierror) as error:
+        # The database in DATABASE_URL is down, unreachable or missing. The driver's message names the
+        # address or the database; tests/test_cli.py checks that it leaves out the password.
+        reason = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+        print(f"pocketllm: the database in DATABASE_URL cannot be used: {reason}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {arguments.command}")
 
 

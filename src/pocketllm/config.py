@@ -420,8 +420,11 @@ def _check_database_url(database_url: str) -> None:
     example = "sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user:password@host:5432/dbname"
     try:
         url = make_url(database_url)
-    except ArgumentError as error:
+        port = url.port
+    except (ArgumentError, ValueError) as error:
         raise ConfigurationError(f"DATABASE_URL is not a valid database URL; use {example}.") from error
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigurationError(f"DATABASE_URL has the port {port}, outside 1-65535; use {example}.")
     if url.drivername not in SUPPORTED_DATABASE_DRIVERS:
         raise ConfigurationError(
             f"DATABASE_URL uses the driver {url.drivername!r}, which the server does not support; use {example}."

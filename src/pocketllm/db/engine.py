@@ -80,7 +80,9 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
 def is_in_memory_sqlite(url: URL) -> bool:
     """Tell whether `url` names an in-memory SQLite database, which exists separately in each connection."""
     return url.get_backend_name() == "sqlite" and (
-        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+        url.database in (None, "", ":memory:")
+        or (url.database or "").startswith("file::memory:")
+        or url.query.get("mode") == "memory"
     )
 
 
