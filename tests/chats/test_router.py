@@ -954,6 +954,12 @@ async def test_requires_authentication(client: httpx.AsyncClient) -> None:
         assert response.json()["code"] == "not_authenticated"
 
 
+async def post_nested_chat(client: httpx.AsyncClient, headers: dict[str, str], *, levels: int) -> httpx.Response:
+    """Create a chat with a body nested `levels` deep: the body is the first level, the innermost object empty."""
+    body = '{"title": "deep", "extra": ' * (levels - 1) + "{}" + "}" * (levels - 1)
+    return await client.post("/v1/chats", headers={**headers, "Content-Type": "application/json"}, content=body)
+
+
 # 40 levels: past the 32 that request bodies may nest.
 DEEP_NESTING: Any = 1
 for _ in range(40):
@@ -1036,6 +1042,20 @@ class TestHardening:
         # Nothing was stored, so the chat's history still reads.
         later = await client.post(f"/v1/chats/{chat['id']}/messages", headers=headers, json={"content": "later"})
         assert later.status_code == 200, later.text
+
+    async def test_nesting_at_limit_accepted(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        response = await post_nested_chat(client, headers, levels=32)
+
+        assert response.status_code == 200, response.text
+
+    @pytest.mark.parametrize("levels", [33, 5000])
+    async def test_nesting_past_limit_is_422(
+        self, client: httpx.AsyncClient, headers: dict[str, str], levels: int
+    ) -> None:
+        response = await post_nested_chat(client, headers, levels=levels)
+
+        assert response.status_code == 422, response.text
+        assert [error["type"] for error in response.json()["detail"]] == ["json_too_deep"]
 
     async def test_finite_numbers_are_stored(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         chat = await new_chat(client, headers)

@@ -38,6 +38,7 @@ _NOT_FINITE_MESSAGE = "Numbers must be finite: NaN, Infinity and numbers beyond 
 _STRING_ERROR = "string_not_storable"
 _NUMBER_ERROR = "number_not_storable"
 _DEPTH_ERROR = "json_too_deep"
+_DEPTH_MESSAGE = f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _BODY_LIMIT_SCOPE_KEY = "pocketllm.body_limit"
 
@@ -209,7 +210,10 @@ async def _check_json_body(request: Request) -> None:
         return
     try:
         document = json.loads(body)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        # Python's parser gives up on nesting about a thousand levels deep, which is too deep anyway.
+        raise RequestValidationError([{"type": _DEPTH_ERROR, "loc": ("body",), "msg": _DEPTH_MESSAGE}]) from None
+    except ValueError:
         return  # not JSON: the handler's own parsing reports it
     problem = _find_problem(document, ("body",), depth=0)
     if problem is not None:
@@ -231,8 +235,9 @@ def _find_problem(
     value: Any, location: tuple[str | int, ...], *, depth: int
 ) -> tuple[tuple[str | int, ...], str, str] | None:
     """Return the location, error type and message of the first value in `value` that cannot be stored."""
-    if depth > MAX_JSON_DEPTH:
-        return location, _DEPTH_ERROR, f"Nesting deeper than {MAX_JSON_DEPTH} levels is not accepted"
+    if depth >= MAX_JSON_DEPTH and isinstance(value, dict | list):
+        # The document itself is at depth 0, so this object or array is nested one level too deep.
+        return location, _DEPTH_ERROR, _DEPTH_MESSAGE
     if isinstance(value, str):
         message = _string_problem(value)
         return (location, _STRING_ERROR, message) if message else None
