@@ -153,9 +153,10 @@ async def test_locked_begin_fails_first_statement(tmp_path: Path, monkeypatch: p
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(OperationalError, match="database is locked"):
+        with pytest.raises(OperationalError, match="database is locked") as raised:
             async with engine.begin() as connection:
                 await connection.execute(insert(_NOTES).values(body="blocked"))
+        notes = getattr(raised.value.orig, "__notes__", [])
         other.execute("ROLLBACK")
         async with engine.begin() as connection:
             await connection.execute(insert(_NOTES).values(body="after the lock"))
@@ -165,6 +166,7 @@ async def test_locked_begin_fails_first_statement(tmp_path: Path, monkeypatch: p
         other.close()
         await engine.dispose()
 
+    assert notes == ["Raised by BEGIN IMMEDIATE, sent in the same call before this statement."]
     assert bodies == ["after the lock"]
 
 

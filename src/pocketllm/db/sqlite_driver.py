@@ -67,6 +67,15 @@ def _execute_many(connection: OneTripConnection, sql: str, parameters: Iterable[
         cursor.close()
 
 
+def _begin(connection: sqlite3.Connection, statement: str) -> None:
+    """Run a deferred BEGIN. Its error names it in a note, because SQLAlchemy reports the statement after it."""
+    try:
+        connection.execute(statement)
+    except sqlite3.Error as error:
+        error.add_note(f"Raised by {statement}, sent in the same call before this statement.")
+        raise
+
+
 class OneTripCursor:
     """The cursor interface SQLAlchemy's adapter uses, with the rows fetched when the statement runs."""
 
@@ -151,7 +160,7 @@ class OneTripConnection(aiosqlite.Connection):
     def _counted(self, begin: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             if begin is not None:
-                self._conn.execute(begin)
+                _begin(self._conn, begin)
             return fn(*args, **kwargs)
         finally:
             self._finished += 1
