@@ -954,10 +954,12 @@ async def test_requires_authentication(client: httpx.AsyncClient) -> None:
         assert response.json()["code"] == "not_authenticated"
 
 
-async def post_nested_chat(client: httpx.AsyncClient, headers: dict[str, str], *, levels: int) -> httpx.Response:
+async def post_nested_chat(
+    client: httpx.AsyncClient, headers: dict[str, str], *, levels: int, content_type: str = "application/json"
+) -> httpx.Response:
     """Create a chat with a body nested `levels` deep: the body is the first level, the innermost object empty."""
     body = '{"title": "deep", "extra": ' * (levels - 1) + "{}" + "}" * (levels - 1)
-    return await client.post("/v1/chats", headers={**headers, "Content-Type": "application/json"}, content=body)
+    return await client.post("/v1/chats", headers={**headers, "Content-Type": content_type}, content=body)
 
 
 # 40 levels: past the 32 that request bodies may nest.
@@ -1048,11 +1050,14 @@ class TestHardening:
 
         assert response.status_code == 200, response.text
 
-    @pytest.mark.parametrize("levels", [33, 5000])
+    @pytest.mark.parametrize(
+        ("levels", "content_type"),
+        [(33, "application/json"), (5000, "application/json"), (33, "Application/JSON; charset=utf-8")],
+    )
     async def test_nesting_past_limit_is_422(
-        self, client: httpx.AsyncClient, headers: dict[str, str], levels: int
+        self, client: httpx.AsyncClient, headers: dict[str, str], levels: int, content_type: str
     ) -> None:
-        response = await post_nested_chat(client, headers, levels=levels)
+        response = await post_nested_chat(client, headers, levels=levels, content_type=content_type)
 
         assert response.status_code == 422, response.text
         assert [error["type"] for error in response.json()["detail"]] == ["json_too_deep"]

@@ -182,7 +182,8 @@ class JsonBodyRoute(APIRoute):
         async def check_then_handle(request: Request) -> Response:
             if b"%00" in request.scope["query_string"]:
                 _check_query(request)
-            if request.method in _BODY_METHODS and "json" in request.headers.get("content-type", ""):
+            # Media types are case-insensitive, and FastAPI parses "Application/JSON" as JSON too.
+            if request.method in _BODY_METHODS and "json" in request.headers.get("content-type", "").lower():
                 await _check_json_body(request)
             return await handler(request)
 
