@@ -394,3 +394,14 @@ def test_missing_database_is_one_line(database_url: str, tmp_path: Path) -> None
     assert result.stderr.startswith("pocketllm: the database in DATABASE_URL cannot be used: ")
     assert f'database "{missing.database}" does not exist' in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_uncreatable_sqlite_file_is_one_line(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+
+    result = run_cli("migrate", database_url=f"sqlite+aiosqlite:///{not_a_folder / 'x.db'}", data_dir=tmp_path / "data")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("pocketllm: the database in DATABASE_URL cannot be used: cannot create the SQLite")
+    assert "Traceback" not in result.stderr

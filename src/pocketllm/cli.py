@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pocketllm import __version__
 from pocketllm.config import ConfigurationError, Settings, load_settings
-from pocketllm.db.engine import Database, create_engine
+from pocketllm.db.engine import Database, DatabaseFileError, create_engine
 from pocketllm.db.migrate import current_revision, head_revision, upgrade_database
 from pocketllm.errors import InvalidInput
 from pocketllm.kit.logging import configure_logging
@@ -169,11 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as error:
         print(f"pocketllm: {error.message}", file=sys.stderr)
         return 2
-    except (DBAPIError, ConnectionError, socket.gaierror) as error:
-        # The database in DATABASE_URL is down, unreachable or missing. The driver's message names the
-        # address or the database; tests/test_cli.py checks that it leaves out the password.
+    except (DBAPIError, ConnectionError, TimeoutError, socket.gaierror, DatabaseFileError) as error:
+        # The database in DATABASE_URL is down, unreachable, silent or missing. The driver's message names
+        # the address or the database; tests/test_cli.py checks that it leaves out the password.
         reason = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
-        print(f"pocketllm: the database in DATABASE_URL cannot be used: {reason}", file=sys.stderr)
+        # asyncpg's connect timeout raises a TimeoutError without a message.
+        detail = str(reason) or ("the connection timed out" if isinstance(reason, TimeoutError) else repr(reason))
+        print(f"pocketllm: the database in DATABASE_URL cannot be used: {detail}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled command {arguments.command}")
 

@@ -34,6 +34,10 @@ _SQLITE_SINGLE_READ_OPTIONS = {SQLITE_BEGIN_OPTION: SQLITE_NO_BEGIN}
 _AUTOCOMMIT_OPTIONS = {"isolation_level": "AUTOCOMMIT"}
 
 
+class DatabaseFileError(Exception):
+    """The SQLite file that the database URL names does not exist and cannot be created."""
+
+
 class WriterQueueTimeout(Exception):
     """An SQLite write waited longer than the busy timeout for this process's earlier writes to finish."""
 
@@ -78,11 +82,21 @@ def _configure_sqlite(engine: AsyncEngine, *, autocheckpoint_pages: int | None) 
 
 
 def is_in_memory_sqlite(url: URL) -> bool:
-    """Tell whether `url` names an in-memory SQLite database, which exists separately in each connection."""
-    return url.get_backend_name() == "sqlite" and (
-        url.database in (None, "", ":memory:")
-        or (url.database or "").startswith("file::memory:")
+    """Tell whether `url` names an SQLite database that exists separately in each connection.
+
+    That is an in-memory database (`:memory:`, `mode=memory`, the memdb VFS) or, for an empty file name,
+    the temporary database that SQLite creates per connection.
+    """
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    # A URI file name ("file:..."): what follows "file:" and any "//" is the path.
+    path = database.removeprefix("file:").removeprefix("//") if database.startswith("file:") else database
+    return (
+        path in ("", ":memory:")
+        or path.startswith(":memory:")
         or url.query.get("mode") == "memory"
+        or url.query.get("vfs") == "memdb"
     )
 
 
@@ -91,9 +105,14 @@ def _create_private_file(database: str | None) -> None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
-    if not path.exists():
+    if path.exists():
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as error:
+        reason = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
+        raise DatabaseFileError(f"cannot create the SQLite file {path} ({reason})") from error
 
 
 def create_engine(
