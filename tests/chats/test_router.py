@@ -1151,8 +1151,8 @@ async def test_reply_prepared_in_one_statement(
         event.remove(engine, "before_cursor_execute", record)
 
     assert response.status_code == 200, response.text
-    # The session check is answered from memory. One statement reads the model, stores the user's message
-    # and reads the history, and one stores the reply.
+    # The session check comes from the in-memory cache. One statement reads the model, stores the user's
+    # message and reads the history, and one stores the reply.
     assert len(statements) == 2
     assert "JOIN model_configs" in statements[0]
     assert "INSERT INTO messages" in statements[0]

@@ -473,7 +473,10 @@ _PROMPT_MESSAGE = DriverQuery(_prompt_message_statement(), writes=True)
 
 
 def _reply_model(row: Sequence[Any]) -> ReplyModel:
-    """Check a row of `_REPLY_MODEL_SELECT` and return its model; raises when the model cannot reply."""
+    """Check a row of `_REPLY_MODEL_SELECT` and return its model.
+
+    Raises ModelNotConfigured or ProviderNotConfigured when that model cannot reply.
+    """
     (
         _,
         model_config_id,

@@ -13,7 +13,7 @@ from pocketllm.chats.prompt import DEFAULT_CONTEXT_WINDOW
 
 MAX_SETTINGS_BYTES = 65_536
 MAX_SYSTEM_PROMPT_LENGTH = 32_000
-# Bounds of the token counts a user may set on a saved model; both fit the database's 32-bit integer columns.
+# Bounds of the token counts a user may set on a saved model. Both fit the database's 32-bit integer columns.
 MAX_CONTEXT_WINDOW = 100_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
 
