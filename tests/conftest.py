@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import httpx
 import pytest
 from cryptography.fernet import Fernet
@@ -199,3 +200,26 @@ async def database(database_url: str) -> AsyncIterator[Database]:
     db = Database(create_engine(database_url))
     yield db
     await db.dispose()
+
+
+@pytest.fixture
+def thread_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every call that aiosqlite queues for a connection's thread, by the called function's name.
+
+    OneTripConnection queues each call wrapped in its `_counted`, so the wrapped function is recorded, after
+    the deferred BEGIN that runs before it in the same trip ("BEGIN IMMEDIATE; _execute").
+    """
+    trips: list[str] = []
+    queue_call = aiosqlite.Connection._execute
+
+    async def counted(connection: aiosqlite.Connection, function: Any, *args: Any, **kwargs: Any) -> Any:
+        begin = None
+        called = function
+        if getattr(function, "__name__", None) == "_counted":
+            begin, called = args[0], args[1]
+        name = getattr(called, "__name__", repr(called))
+        trips.append(f"{begin}; {name}" if begin else name)
+        return await queue_call(connection, function, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return trips

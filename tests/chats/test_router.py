@@ -1160,3 +1160,34 @@ async def test_reply_prepared_in_one_statement(
     assert "JOIN model_configs" not in statements[1]
     sent = fake_provider.last_request("/chat/completions").body["messages"]
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]
+
+
+async def test_reply_on_sqlite_makes_one_trip_per_transaction(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    fake_provider: FakeProvider,
+    thread_trips: list[str],
+) -> None:
+    if app.state.database.dialect == "postgresql":
+        pytest.skip("runs against SQLite only")
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+    fake_provider.reply_text = "First answer"
+    assert (await send(client, headers, chat["id"], "First question")).status_code == 200
+    thread_trips.clear()
+
+    response = await send(client, headers, chat["id"], "Second question")
+
+    assert response.status_code == 200, response.text
+    # The session check, then the reply's start (the model, the numbered user message and the history) and
+    # the stored reply, each in one trip to the connection's thread and a commit.
+    assert thread_trips == [
+        "_execute_fetchall",
+        "BEGIN IMMEDIATE; _in_one_trip",
+        "commit",
+        "BEGIN IMMEDIATE; _in_one_trip",
+        "commit",
+    ]
+    sent = fake_provider.last_request("/chat/completions").body["messages"]
+    assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, event, insert, select, update
 
-from pocketllm.db.driver_query import DriverQuery
+from pocketllm.db.driver_query import DriverQuery, OneTripSteps, run_in_one_trip
 from pocketllm.db.engine import Database
 from pocketllm.db.types import attribute_columns
 from pocketllm.models import Chat, ModelConfig, User
@@ -230,5 +230,92 @@ async def test_python_side_default_raises(database: Database) -> None:
     async with database.statements() as connection:
         with pytest.raises(ValueError, match="fill in the columns updated_at"):
             await query.all(connection, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+
+    assert await read_title(database, chat_ids[0]) is None
+
+
+READ_TITLE = DriverQuery(select(Chat.title).where(Chat.id == bindparam("p_chat_id")))
+
+
+async def test_one_trip_runs_statements_together(database: Database, thread_trips: list[str]) -> None:
+    _, chat_ids = await insert_account(database)
+    seen: list[str] = []
+
+    def rename_and_read(steps: OneTripSteps) -> tuple[Any, Any]:
+        renamed = steps.first(RENAME_CHAT, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+        return renamed, steps.values(READ_TITLE, {"p_chat_id": chat_ids[0]})
+
+    def record(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement.split()[0])
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        async with database.statements() as connection:
+            if database.dialect == "postgresql":
+                with pytest.raises(ValueError, match="needs an SQLite connection"):
+                    await run_in_one_trip(connection, rename_and_read, writes=True)
+                return
+            thread_trips.clear()
+            renamed, titles = await run_in_one_trip(connection, rename_and_read, writes=True)
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+
+    assert thread_trips == ["BEGIN IMMEDIATE; _in_one_trip", "commit"]
+    assert seen == ["BEGIN", "UPDATE", "SELECT"]
+    assert renamed is not None
+    assert renamed.title == "Renamed"
+    assert titles == [("Renamed",)]
+    assert await read_title(database, chat_ids[0]) == "Renamed"
+
+
+async def test_one_trip_rows_match_sqlalchemy_execution(database: Database) -> None:
+    if database.dialect == "postgresql":
+        pytest.skip("runs against SQLite only")
+    user_id, _ = await insert_account(database)
+    parameters: dict[str, Any] = {"p_user_id": user_id, "p_since": datetime(2000, 1, 1, tzinfo=UTC), "p_limit": 10}
+    query = DriverQuery(CHATS_WITH_MODELS)
+
+    async with database.read_connection() as connection:
+        expected = list((await connection.execute(CHATS_WITH_MODELS, parameters)).all())
+        first, values = await run_in_one_trip(
+            connection, lambda steps: (steps.first(query, parameters), steps.values(query, parameters))
+        )
+
+    assert len(expected) == 3
+    assert tuple(first) == tuple(expected[0])
+    assert first.title == expected[0].title
+    assert [tuple(row) for row in values] == [tuple(row) for row in expected]
+    assert [type(value) for value in values[0]] == [type(value) for value in expected[0]]
+
+
+async def test_one_trip_error_undoes_its_writes(database: Database) -> None:
+    if database.dialect == "postgresql":
+        pytest.skip("runs against SQLite only")
+    _, chat_ids = await insert_account(database)
+
+    def rename_then_fail(steps: OneTripSteps) -> None:
+        steps.first(RENAME_CHAT, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+        raise LookupError("failed after the write")
+
+    with pytest.raises(LookupError, match="after the write"):
+        async with database.statements() as connection:
+            await run_in_one_trip(connection, rename_then_fail, writes=True)
+
+    assert await read_title(database, chat_ids[0]) is None
+
+
+async def test_one_trip_write_needs_writes(database: Database) -> None:
+    if database.dialect == "postgresql":
+        pytest.skip("runs against SQLite only")
+    _, chat_ids = await insert_account(database)
+
+    async with database.statements() as connection:
+        with pytest.raises(ValueError, match="pass writes=True"):
+            await run_in_one_trip(
+                connection, lambda steps: steps.first(RENAME_CHAT, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
+            )
+    async with database.engine.connect() as connection:
+        with pytest.raises(ValueError, match="writes on SQLite only inside a transaction"):
+            await run_in_one_trip(connection, lambda steps: None, writes=True)
 
     assert await read_title(database, chat_ids[0]) is None

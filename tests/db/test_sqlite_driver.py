@@ -8,9 +8,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import aiosqlite
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -33,29 +31,6 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await connection.execute(insert(_NOTES), [{"id": number, "body": f"note {number}"} for number in range(1, 6)])
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def thread_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every call that aiosqlite queues for a connection's thread, by the called function's name.
-
-    OneTripConnection queues each call wrapped in its `_counted`, so the wrapped function is recorded, after
-    the deferred BEGIN that runs before it in the same trip ("BEGIN IMMEDIATE; _execute").
-    """
-    trips: list[str] = []
-    queue_call = aiosqlite.Connection._execute
-
-    async def counted(connection: aiosqlite.Connection, function: Any, *args: Any, **kwargs: Any) -> Any:
-        begin = None
-        called = function
-        if getattr(function, "__name__", None) == "_counted":
-            begin, called = args[0], args[1]
-        name = getattr(called, "__name__", repr(called))
-        trips.append(f"{begin}; {name}" if begin else name)
-        return await queue_call(connection, function, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
-    return trips
 
 
 async def test_statement_is_one_thread_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:

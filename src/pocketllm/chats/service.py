@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -33,7 +34,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from pocketllm.chats.prompt import derive_title
 from pocketllm.chats.schemas import ChatSummary, Message
-from pocketllm.db.driver_query import DriverQuery, DriverRow
+from pocketllm.db.driver_query import DriverQuery, DriverRow, OneTripSteps, run_in_one_trip
 from pocketllm.db.types import AnyRow, attribute_columns, utcnow
 from pocketllm.errors import InvalidInput, NotFound
 from pocketllm.model_configs.service import ModelConfigNotFound
@@ -210,8 +211,14 @@ def _numbered_insert_statement(next_sequence: Update) -> Select[Any]:
 
 _NEXT_SEQUENCE = _next_sequence_statement(name_chat=False)
 _NEXT_SEQUENCE_NAMING_CHAT = _next_sequence_statement(name_chat=True)
-# Every column is named, so that neither SQLAlchemy nor DriverQuery fills in a default.
-_INSERT_MESSAGE = insert(_messages).values({column.key: bindparam(f"p_{column.key}") for column in _messages.columns})
+# Every column is named, so that neither SQLAlchemy nor DriverQuery fills in a default. The creation time is
+# p_now, as in the numbering UPDATE and in `_stored_message_cte`.
+_INSERT_MESSAGE = insert(_messages).values(
+    {
+        column.key: bindparam("p_now" if column.key == "created_at" else f"p_{column.key}")
+        for column in _messages.columns
+    }
+)
 _NUMBERED_INSERT = _numbered_insert_statement(_NEXT_SEQUENCE)
 _NUMBERED_INSERT_NAMING_CHAT = _numbered_insert_statement(_NEXT_SEQUENCE_NAMING_CHAT)
 # The same statements for the driver's own call, used on the plain connection of `Database.statements()`.
@@ -262,60 +269,92 @@ async def append_message(
     distinct, gap-free numbers: PostgreSQL makes the second writer wait for the row lock, and SQLite runs
     one write transaction at a time. On PostgreSQL the UPDATE and the INSERT are one statement, which is
     atomic on its own, so it is safe in `Database.statements()`. On SQLite they are two statements in the
-    caller's transaction. With a session, neither goes through its unit of work, which would cost more than
-    the statements themselves.
+    caller's transaction, sent in one trip to the connection's thread on a plain connection. With a
+    session, neither goes through its unit of work, which would cost more than the statements themselves.
     """
     chat_id = chat.id if isinstance(chat, Chat) else chat
-    now = utcnow()
-    message_id = uuid.uuid4()
-    name_chat = role == "user"
-    parameters: dict[str, Any] = {"p_chat_id": chat_id, "p_user_id": user_id, "p_now": now}
-    if name_chat:
-        parameters["p_title"] = derive_title(content)
+    numbering, values = _message_parameters(user_id, chat_id, role, content, status, metadata)
 
-    inserted_with_number = _dialect_name(session) == "postgresql"
-    statement: Executable
-    if inserted_with_number:
-        statement = _NUMBERED_INSERT_NAMING_CHAT if name_chat else _NUMBERED_INSERT
-        parameters.update(p_id=message_id, p_role=role, p_content=content, p_status=status, p_metadata=metadata)
-    else:
-        statement = _NEXT_SEQUENCE_NAMING_CHAT if name_chat else _NEXT_SEQUENCE
-    row = await _execute_one(session, statement, parameters)
-    if row is None:
-        raise ChatNotFound()
-    sequence, title = row
-
-    if not inserted_with_number:
-        await _execute_one(
-            session,
-            _INSERT_MESSAGE,
-            {
-                "p_id": message_id,
-                "p_chat_id": chat_id,
-                "p_sequence": sequence,
-                "p_role": role,
-                "p_content": content,
-                "p_status": status,
-                "p_metadata": metadata,
-                "p_created_at": now,
-            },
+    if _dialect_name(session) == "postgresql":
+        statement = _NUMBERED_INSERT_NAMING_CHAT if role == "user" else _NUMBERED_INSERT
+        row = await _execute_one(session, statement, {**numbering, **values})
+        if row is None:
+            raise ChatNotFound()
+        sequence, title = row
+    elif isinstance(session, AsyncConnection):
+        sequence, title = await run_in_one_trip(
+            session, partial(_number_and_insert, numbering=numbering, values=values), writes=True
         )
+    else:
+        row = await _execute_one(session, _next_sequence_for(numbering), numbering)
+        if row is None:
+            raise ChatNotFound()
+        sequence, title = row
+        await _execute_one(session, _INSERT_MESSAGE, {**values, "p_sequence": sequence})
 
     if isinstance(chat, Chat):
         # The loaded chat learns the new values from RETURNING, as if loaded again, without another query.
         set_committed_value(chat, "last_sequence", sequence)
-        set_committed_value(chat, "updated_at", now)
+        set_committed_value(chat, "updated_at", values["p_now"])
         set_committed_value(chat, "title", title)
+    return _stored_message(values, sequence)
+
+
+def _message_parameters(
+    user_id: uuid.UUID,
+    chat_id: uuid.UUID,
+    role: str,
+    content: str,
+    status: str,
+    metadata: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the parameters of the UPDATE that numbers a new message (see `_next_sequence_statement`) and
+    those of its INSERT but for the number (see `_stored_message_cte`), with a new id and the time now."""
+    now = utcnow()
+    numbering: dict[str, Any] = {"p_chat_id": chat_id, "p_user_id": user_id, "p_now": now}
+    if role == "user":
+        # Names an untitled chat after its first user message.
+        numbering["p_title"] = derive_title(content)
+    values = {
+        "p_id": uuid.uuid4(),
+        "p_chat_id": chat_id,
+        "p_role": role,
+        "p_content": content,
+        "p_status": status,
+        "p_metadata": metadata,
+        "p_now": now,
+    }
+    return numbering, values
+
+
+def _stored_message(values: dict[str, Any], sequence: int) -> Message:
+    """The message that `values` (from `_message_parameters`) inserted with the number `sequence`."""
     return Message(
-        id=message_id,
-        chat_id=chat_id,
-        role=role,
-        content=content,
+        id=values["p_id"],
+        chat_id=values["p_chat_id"],
+        role=values["p_role"],
+        content=values["p_content"],
         sequence=sequence,
-        status=status,
-        metadata=metadata or {},
-        created_at=now,
+        status=values["p_status"],
+        metadata=values["p_metadata"] or {},
+        created_at=values["p_now"],
     )
+
+
+def _next_sequence_for(numbering: dict[str, Any]) -> Update:
+    return _NEXT_SEQUENCE_NAMING_CHAT if "p_title" in numbering else _NEXT_SEQUENCE
+
+
+def _number_and_insert(
+    steps: OneTripSteps, *, numbering: dict[str, Any], values: dict[str, Any]
+) -> tuple[int, str | None]:
+    """Number and insert a message on an SQLite connection's thread; return its number and the chat's title."""
+    row = steps.first(_ON_DRIVER[_next_sequence_for(numbering)], numbering)
+    if row is None:
+        raise ChatNotFound()
+    sequence, title = row
+    steps.first(_ON_DRIVER[_INSERT_MESSAGE], {**values, "p_sequence": sequence})
+    return sequence, title
 
 
 _MESSAGE_COLUMNS = attribute_columns(StoredMessage)
@@ -550,29 +589,25 @@ async def start_reply(
     snapshot that the statement started with. A message that another request stores in the same chat at
     the same moment can therefore be numbered before this one and still be missing from its history, as
     if the two had been sent the other way round. On SQLite, which runs one write transaction at a time,
-    each step is its own statement and the history is read after the insert.
+    each step is its own statement, the history is read after the insert, and all of them run in one trip
+    to the connection's thread.
     """
+    numbering, values = _message_parameters(user_id, chat_id, "user", content, "complete", metadata)
     if connection.dialect.name != "postgresql":
-        model = await resolve_model(connection, user_id, chat_id)
-        message = await append_message(connection, user_id, chat_id, role="user", content=content, metadata=metadata)
-        return ReplyStart(model, message, await recent_history(connection, chat_id, before=message.sequence))
+        model, sequence, history = await run_in_one_trip(
+            connection,
+            partial(_start_reply_on_thread, user_id=user_id, numbering=numbering, values=values),
+            writes=True,
+        )
+        return ReplyStart(model, _stored_message(values, sequence), history)
 
-    now = utcnow()
-    message_id = uuid.uuid4()
     rows = await _PROMPT_MESSAGE.values(
         connection,
         {
-            "p_chat_id": chat_id,
-            "p_user_id": user_id,
+            **numbering,
+            **values,
             "p_known_providers": _KNOWN_PROVIDERS,
             "p_keyless_providers": _KEYLESS_PROVIDERS,
-            "p_now": now,
-            "p_title": derive_title(content),
-            "p_id": message_id,
-            "p_role": "user",
-            "p_content": content,
-            "p_status": "complete",
-            "p_metadata": metadata,
         },
     )
     if not rows:
@@ -583,18 +618,23 @@ async def start_reply(
     if sequence is None:
         # The model was usable, so the chat row was deleted after the statement's snapshot was taken.
         raise ChatNotFound()
-    message = Message(
-        id=message_id,
-        chat_id=chat_id,
-        role="user",
-        content=content,
-        sequence=sequence,
-        status="complete",
-        metadata=metadata or {},
-        created_at=now,
-    )
     history = list(zip(roles, contents, strict=True)) if roles else []
-    return ReplyStart(model, message, history)
+    return ReplyStart(model, _stored_message(values, sequence), history)
+
+
+def _start_reply_on_thread(
+    steps: OneTripSteps, *, user_id: uuid.UUID, numbering: dict[str, Any], values: dict[str, Any]
+) -> tuple[ReplyModel, int, Sequence[Sequence[str]]]:
+    """Run start_reply's statements on an SQLite connection's thread; return the model, the message's number
+    and the history."""
+    chat_id = values["p_chat_id"]
+    row = steps.first(_REPLY_MODEL, {"p_chat_id": chat_id, "p_user_id": user_id})
+    if row is None:
+        raise ChatNotFound()
+    model = _reply_model(row)
+    sequence, _title = _number_and_insert(steps, numbering=numbering, values=values)
+    history = steps.values(_RECENT_HISTORY, {"p_chat_id": chat_id, "p_before": sequence})
+    return model, sequence, history
 
 
 async def record_reply_failure(

@@ -16,24 +16,31 @@ autocommit connection on PostgreSQL, and inside a transaction that has begun on 
 
 Errors come from the driver as they are (asyncpg's or sqlite3's exceptions), not wrapped in SQLAlchemy's
 DBAPIError.
+
+On SQLite, `run_in_one_trip` runs several of these statements, and the Python between them, in one trip
+to the connection's thread (see `OneTripSteps`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from functools import partial
+from typing import Any, TypeAlias, TypeVar
 
 from sqlalchemy import Insert, Select, Update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pocketllm.db.engine import SQLITE_BEGIN_OPTION, SQLITE_NO_BEGIN
+from pocketllm.db.sqlite_driver import OneTripConnection
 
 Processor = Callable[[Any], Any] | None
 # A row read by attribute name or position, like a SQLAlchemy Row: a named tuple of the statement's columns.
 DriverRow: TypeAlias = Any
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,7 @@ class DriverQuery:
     async def _fetch(
         self, connection: AsyncConnection, parameters: Mapping[str, Any]
     ) -> tuple[_Plan, Sequence[Sequence[Any]]]:
-        plan = self._plans.get(connection.dialect.name) or self._plan(connection.dialect)
+        plan = self.plan_for(connection.dialect)
         if self._writes:
             _check_write_context(connection)
         arguments = _arguments(plan, parameters)
@@ -107,6 +114,14 @@ class DriverQuery:
         """Run the statement and return its first row, or None when it returns no row."""
         rows = await self.all(connection, parameters)
         return rows[0] if rows else None
+
+    def plan_for(self, dialect: Dialect) -> _Plan:
+        """Return the statement compiled for `dialect`, compiling it on first use."""
+        return self._plans.get(dialect.name) or self._plan(dialect)
+
+    @property
+    def writes(self) -> bool:
+        return self._writes
 
     def _plan(self, dialect: Dialect) -> _Plan:
         compiled = self._statement.compile(dialect=dialect)
@@ -149,6 +164,82 @@ class DriverQuery:
         )
         self._plans[dialect.name] = plan
         return plan
+
+
+class OneTripSteps:
+    """Runs DriverQuery statements on an SQLite connection's thread, for a function that `run_in_one_trip`
+    calls there.
+
+    Each statement runs as `DriverQuery.all()` or `values()` would run it, with the same conversions, but
+    without a trip of its own between the event loop and the thread. Statement listeners see each statement
+    as usual, except that they are called on the connection's thread.
+    """
+
+    __slots__ = ("_dialect", "_dispatch", "_may_write", "_sqlite", "_sync_connection")
+
+    def __init__(self, connection: AsyncConnection, may_write: bool, sqlite_connection: sqlite3.Connection) -> None:
+        self._may_write = may_write
+        self._dialect = connection.dialect
+        self._sync_connection = connection.sync_connection
+        self._dispatch = self._sync_connection.dispatch if self._sync_connection is not None else None
+        self._sqlite = sqlite_connection
+
+    def first(self, query: DriverQuery, parameters: Mapping[str, Any]) -> DriverRow | None:
+        """Run `query` and return its first row, or None when it returns no row."""
+        plan, records = self._fetch(query, parameters)
+        return _convert(plan, records[0]) if records else None
+
+    def values(self, query: DriverQuery, parameters: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        """Run `query` and return every row as a sequence of its values, as `DriverQuery.values()` does."""
+        plan, records = self._fetch(query, parameters)
+        if not plan.result_processors:
+            return records
+        return [_converted_values(plan, record) for record in records]
+
+    def _fetch(self, query: DriverQuery, parameters: Mapping[str, Any]) -> tuple[_Plan, list[Any]]:
+        if query.writes and not self._may_write:
+            raise ValueError("This statement writes; pass writes=True to run_in_one_trip.")
+        plan = query.plan_for(self._dialect)
+        arguments = _arguments(plan, parameters)
+        connection, dispatch = self._sync_connection, self._dispatch
+        if dispatch is not None and dispatch.before_cursor_execute:
+            dispatch.before_cursor_execute(connection, None, plan.sql, arguments, None, False)
+        cursor = self._sqlite.execute(plan.sql, arguments)
+        try:
+            records = cursor.fetchall()
+        finally:
+            cursor.close()
+        if dispatch is not None and dispatch.after_cursor_execute:
+            dispatch.after_cursor_execute(connection, None, plan.sql, arguments, None, False)
+        return plan, records
+
+
+async def run_in_one_trip(
+    connection: AsyncConnection, function: Callable[[OneTripSteps], T], *, writes: bool = False
+) -> T:
+    """Call `function` on the thread of an SQLite connection (sqlite+aiosqlite, opened as OneTripConnection)
+    and return what it returns.
+
+    `function` runs its statements through the OneTripSteps it is given. It runs on that thread, so it must
+    not touch the event loop or anything that a coroutine could change at the same time. Its exceptions
+    are raised here. With `writes`, its statements may write, where DriverQuery's may: inside a transaction
+    that has begun, whose BEGIN then runs in the same trip.
+    """
+    if writes:
+        _check_write_context(connection)
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if not isinstance(driver, OneTripConnection):
+        raise ValueError("run_in_one_trip needs an SQLite connection of the engine's own (OneTripConnection).")
+    return await driver.run(_in_one_trip, partial(OneTripSteps, connection, writes), function)
+
+
+def _in_one_trip(
+    driver: OneTripConnection,
+    steps: Callable[[sqlite3.Connection], OneTripSteps],
+    function: Callable[[OneTripSteps], T],
+) -> T:
+    return function(steps(driver.sqlite_connection))
 
 
 def _check_write_context(connection: AsyncConnection) -> None:

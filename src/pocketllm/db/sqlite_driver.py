@@ -22,7 +22,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from sqlalchemy import event
@@ -34,6 +34,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 _ITER_CHUNK_SIZE = 64
 
 Description = tuple[tuple[str, None, None, None, None, None, None], ...] | None
+T = TypeVar("T")
 
 
 class _Outcome:
@@ -139,10 +140,15 @@ class OneTripConnection(aiosqlite.Connection):
     def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
 
-    async def run(self, function: Callable[..., _Outcome], *arguments: Any) -> _Outcome:
-        """Call `function(self, *arguments)` on the connection's thread and return its outcome."""
-        outcome: _Outcome = await self._execute(function, self, *arguments)
+    async def run(self, function: Callable[..., T], *arguments: Any) -> T:
+        """Call `function(self, *arguments)` on the connection's thread and return what it returns."""
+        outcome: T = await self._execute(function, self, *arguments)
         return outcome
+
+    @property
+    def sqlite_connection(self) -> sqlite3.Connection:
+        """The sqlite3 connection, for functions that `run` calls on the connection's thread (only there)."""
+        return self._conn
 
     def defer_begin(self, statement: str) -> None:
         """Send `statement` (a BEGIN) in the same trip as the next call, instead of in a trip of its own.
