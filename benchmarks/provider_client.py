@@ -6,7 +6,9 @@ transport and through one with httpx's default transport, which runs on anyio so
 alternating batches from this process. The fake provider (`benchmarks/upstream.py`) runs in a child
 process, on another core where there are two. Both clients keep their connection alive.
 
-* Non-streaming: `POST /v1/chat/completions` with a small JSON body, response read and decoded.
+* Non-streaming: `POST /v1/chat/completions` with a small JSON body, response read and decoded. A third
+  case sends it as the server does, through `OutboundGuard.request`, which checks the URL and sends on the
+  client's transport without `AsyncClient.send`.
 * Streaming: the same request with `"stream": true` and 256 content chunks, read line by line.
 
 The figures are this process's CPU time (user plus system, from getrusage) per request, and the
@@ -38,11 +40,15 @@ from benchmarks.common import (
     scratch_directory,
 )
 from benchmarks.launch import start_upstream
+from pocketllm.providers.guard import OutboundGuard
 from pocketllm.providers.network import ProviderTransport
 
 STREAM_CHUNKS = 256
 REQUEST_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 64}
 TRANSPORTS = ("httpx default (anyio)", "ProviderTransport")
+# The guard's case uses the client of the ProviderTransport case.
+GUARDED = "ProviderTransport, through the guard"
+GUARD = OutboundGuard(allow_private=True)
 
 
 def make_client(kind: str) -> httpx.AsyncClient:
@@ -64,6 +70,12 @@ async def complete(client: httpx.AsyncClient, url: str) -> None:
     response.json()
 
 
+async def complete_through_guard(client: httpx.AsyncClient, url: str) -> None:
+    response = await GUARD.request(client, "POST", url, json=REQUEST_BODY)
+    response.raise_for_status()
+    response.json()
+
+
 async def stream(client: httpx.AsyncClient, url: str) -> None:
     async with client.stream("POST", url, json={**REQUEST_BODY, "stream": True}) as response:
         response.raise_for_status()
@@ -71,36 +83,40 @@ async def stream(client: httpx.AsyncClient, url: str) -> None:
             pass
 
 
+Call = Callable[[httpx.AsyncClient, str], Awaitable[None]]
+
+
 async def measure(
-    call: Callable[[httpx.AsyncClient, str], Awaitable[None]], url: str, requests: int, batch: int
+    cases: dict[str, tuple[str, Call]], url: str, requests: int, batch: int
 ) -> dict[str, dict[str, float]]:
-    """Send alternating batches of `call` through both transports, and return each one's CPU µs per request
-    and p50 latency in ms."""
+    """Send alternating batches of each case's call through its transport's client, and return each case's
+    CPU µs per request and p50 latency in ms. `cases` maps a case's name to a transport and a call."""
     clients = {kind: make_client(kind) for kind in TRANSPORTS}
-    cpu = dict.fromkeys(TRANSPORTS, 0.0)
-    latencies: dict[str, list[float]] = {kind: [] for kind in TRANSPORTS}
+    cpu = dict.fromkeys(cases, 0.0)
+    latencies: dict[str, list[float]] = {name: [] for name in cases}
     try:
-        for client in clients.values():
+        for kind, call in cases.values():
             for _ in range(20):  # warm-up: open the connection, fill caches
-                await call(client, url)
+                await call(clients[kind], url)
         for _ in range(max(1, requests // batch)):
-            for kind, client in clients.items():
+            for name, (kind, call) in cases.items():
+                client = clients[kind]
                 started_cpu = process_cpu_seconds()
                 for _ in range(batch):
                     started = time.perf_counter()
                     await call(client, url)
-                    latencies[kind].append((time.perf_counter() - started) * 1000)
-                cpu[kind] += process_cpu_seconds() - started_cpu
+                    latencies[name].append((time.perf_counter() - started) * 1000)
+                cpu[name] += process_cpu_seconds() - started_cpu
     finally:
         for client in clients.values():
             await client.aclose()
     return {
-        kind: {
-            "cpu_us_per_request": cpu[kind] / len(latencies[kind]) * 1e6,
-            "p50_ms": percentile(latencies[kind], 0.5),
-            "requests": len(latencies[kind]),
+        name: {
+            "cpu_us_per_request": cpu[name] / len(latencies[name]) * 1e6,
+            "p50_ms": percentile(latencies[name], 0.5),
+            "requests": len(latencies[name]),
         }
-        for kind in TRANSPORTS
+        for name in cases
     }
 
 
@@ -115,8 +131,11 @@ async def main_async(arguments: argparse.Namespace) -> None:
             url = f"{upstream.base_url}/v1/chat/completions"
             results: dict[str, Any] = {}
             await upstream.configure(chunks=STREAM_CHUNKS, hold_seconds=0)
-            results["complete"] = await measure(complete, url, arguments.requests, arguments.batch)
-            results["stream"] = await measure(stream, url, arguments.stream_requests, arguments.batch)
+            complete_cases = {kind: (kind, complete) for kind in TRANSPORTS}
+            complete_cases[GUARDED] = (TRANSPORTS[1], complete_through_guard)
+            results["complete"] = await measure(complete_cases, url, arguments.requests, arguments.batch)
+            stream_cases = {kind: (kind, stream) for kind in TRANSPORTS}
+            results["stream"] = await measure(stream_cases, url, arguments.stream_requests, arguments.batch)
     finally:
         processes.stop_all()
 

@@ -678,13 +678,14 @@ async def test_request_sends_to_checked_address_with_host_header(
         params={"y": "2"},
         headers={"Authorization": "Bearer test-key"},
         json={"model": "m"},
-        timeout=httpx.Timeout(5.0),
+        timeout=httpx.Timeout(2.5),
     )
 
     assert response.status_code == 200
     assert response.json() == {"ok": True}
     assert transport.hosts == ["127.0.0.1"]
-    assert transport.requests[0].extensions["timeout"]["read"] == 5.0
+    # The request's own timeout, not the client's 5 s.
+    assert transport.requests[0].extensions["timeout"]["read"] == 2.5
     assert len(http_stub.requests) == 1
     seen = http_stub.requests[0]
     assert seen.method == "POST"
@@ -693,6 +694,26 @@ async def test_request_sends_to_checked_address_with_host_header(
     assert seen.headers["host"] == f"provider.test:{http_stub.port}"
     assert seen.headers["authorization"] == "Bearer test-key"
     assert json.loads(seen.body) == {"model": "m"}
+
+
+async def test_request_takes_client_headers_and_timeout(
+    http_stub: ProviderStub, transport: LoopbackOnlyTransport
+) -> None:
+    guard = OutboundGuard(allow_private=True, resolver=resolver_for(provider_test=["127.0.0.1"]))
+    timeout = httpx.Timeout(7.0, connect=3.0)
+    async with httpx.AsyncClient(
+        transport=transport, trust_env=False, timeout=timeout, headers={"Accept-Encoding": "identity"}
+    ) as client:
+        response = await guard.request(
+            client, "GET", f"http://provider.test:{http_stub.port}/v1/models", headers={"X-Api-Key": "test-key"}
+        )
+
+    assert response.status_code == 200
+    assert transport.requests[0].extensions["timeout"] == timeout.as_dict()
+    seen = http_stub.requests[0].headers
+    assert seen["accept-encoding"] == "identity"
+    assert seen["x-api-key"] == "test-key"
+    assert seen["user-agent"].startswith("python-httpx/")
 
 
 async def test_request_keeps_url_query(
