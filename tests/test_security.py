@@ -69,12 +69,19 @@ class RawResponse:
 
 
 async def send_raw(
-    app: FastAPI, method: str, path: str, *, headers: dict[str, str], chunks: Iterable[bytes]
+    app: FastAPI,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str],
+    chunks: Iterable[bytes],
+    disconnect_after_chunks: bool = False,
 ) -> RawResponse:
     """Send a request straight to the ASGI app, handing out the body one chunk per `receive` call.
 
     This shows how much of the body the app read before it responded. Without a `content-length` entry in
-    `headers` the body arrives as a chunked one does, with no declared size.
+    `headers` the body arrives as a chunked one does, with no declared size. With `disconnect_after_chunks`
+    the client disconnects after the last chunk instead of ending the body.
     """
     chunk_iterator: Iterator[bytes] = iter(chunks)
     body_bytes_read = 0
@@ -91,6 +98,8 @@ async def send_raw(
             if chunk is not None:
                 body_bytes_read += len(chunk)
                 return {"type": "http.request", "body": chunk, "more_body": True}
+            if disconnect_after_chunks:
+                return {"type": "http.disconnect"}
             body_complete = True
             return {"type": "http.request", "body": b"", "more_body": False}
         await response_complete.wait()
@@ -293,6 +302,33 @@ class TestUnhandledError:
         assert "Traceback" in error["exception"]
         assert f"RuntimeError: {internal_detail}" in error["exception"]
         assert sum("Traceback" in str(record.get("exception", "")) for record in records) == 1
+
+
+class TestClientDisconnect:
+    @pytest.mark.parametrize("settings_overrides", [{"log_format": "json"}])
+    async def test_disconnect_during_json_body_is_400_not_error(
+        self, app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str]
+    ) -> None:
+        chat = (await client.post("/v1/chats", headers=headers, json={})).json()
+        path = f"/v1/chats/{chat['id']}/messages"
+
+        with capture_log_output() as output:
+            response = await send_raw(
+                app,
+                "POST",
+                path,
+                headers={**headers, "content-type": "application/json", "content-length": "100"},
+                chunks=[b'{"content": "par'],
+                disconnect_after_chunks=True,
+            )
+
+        assert response.status_code == 400
+        assert response.json()["code"] == "bad_request"
+        records = [json.loads(line) for line in output.getvalue().splitlines() if line.strip()]
+        assert [record for record in records if record.get("level") == "error"] == []
+        [completed] = [record for record in records if record.get("event") == "request.completed"]
+        assert completed["status"] == 400
+        assert (await client.get(path, headers=headers)).json() == []
 
 
 class TestBodyLimits:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, APIRouter
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -201,7 +202,13 @@ def _check_query(request: Request) -> None:
 async def _check_json_body(request: Request) -> None:
     # Starlette keeps the body on the request, so the handler below does not read it again. The `receive`
     # from JsonBodyRoute.handle raises PayloadTooLarge once the body passes the route's limit.
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        # The client closed the connection before the whole body arrived. FastAPI answers a body it cannot
+        # read with this 400, and so does this check; the client is gone, but the log and the metrics
+        # record a client's failure, not a server error.
+        raise HTTPException(400, "The connection closed before the whole request body arrived.") from None
 
     # Cheap tests first, so that ordinary bodies are not parsed twice.
     suspicious = (
