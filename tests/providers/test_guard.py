@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pocketllm.errors import InvalidInput
+from pocketllm.providers.errors import ProviderRequestFailed
 from pocketllm.providers.guard import HostClients, OutboundGuard, ProviderUnreachable, ProviderUrlNotAllowed
+from pocketllm.providers.http import ProviderHttp
 from pocketllm.providers.network import ProviderTransport
 
 METADATA_LOCATION = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
@@ -995,3 +997,23 @@ async def test_plain_http_uses_shared_client(http_stub: ProviderStub) -> None:
 
     assert response.status_code == 200
     assert [transport.hosts for transport in transports] == [["127.0.0.1"]]
+
+
+async def test_unverified_certificate_named_in_provider_error(tmp_path: Path) -> None:
+    stub, client_context = start_tls_stub(tmp_path, ["other.test"])
+    transport = LoopbackOnlyTransport(verify=client_context)
+    guard = OutboundGuard(allow_private=True, resolver=resolver_for(provider_test=["127.0.0.1"]))
+    try:
+        async with httpx.AsyncClient(transport=transport, trust_env=False, timeout=5) as client:
+            with pytest.raises(ProviderRequestFailed) as caught:
+                await ProviderHttp(client, guard).request_json(
+                    "GET", f"https://provider.test:{stub.port}/v1/models", provider="custom", secret=None
+                )
+    finally:
+        stub.stop()
+
+    assert caught.value.message == (
+        "The TLS certificate of custom could not be verified (Hostname mismatch, certificate is not valid "
+        "for 'provider.test'.); check the base URL and the server's certificate."
+    )
+    assert stub.requests == []

@@ -10,6 +10,7 @@ import email.utils
 import json as jsonlib
 import math
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -216,17 +217,41 @@ class _TransportErrors:
         if isinstance(error, httpx.DecodingError):
             raise undecodable_body(provider, error) from error
         if isinstance(error, httpx.RequestError):
-            # The detail (for example a certificate that failed verification) is for the operator.
+            # The detail is for the operator.
             log.info(
                 "provider.unreachable",
                 provider=provider,
                 error=type(error).__name__,
                 detail=scrub_secret(str(error), None),
             )
+            verification = _certificate_error(error)
+            if verification is not None:
+                # The reason names the problem (for example "self-signed certificate" or a host name that
+                # the certificate does not list), which the user can act on.
+                raise ProviderRequestFailed(
+                    f"The TLS certificate of {provider} could not be verified "
+                    f"({scrub_secret(verification.verify_message or verification.reason or '', None)}); "
+                    "check the base URL and the server's certificate."
+                ) from error
             raise ProviderRequestFailed(
                 f"The connection to {provider} failed or closed before the response was complete; "
                 "check its base URL and try again."
             ) from error
+
+
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """Return the certificate verification failure that caused `error`, if one did.
+
+    The network layer raises httpcore's ConnectError from it, and httpx its own ConnectError from that.
+    """
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def undecodable_body(provider: str, error: httpx.DecodingError) -> ProviderRequestFailed:
