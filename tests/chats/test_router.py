@@ -15,6 +15,7 @@ from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from sqlalchemy import delete, event, func, select, text, update
 
+from pocketllm.chats import service
 from pocketllm.db.engine import Database
 from pocketllm.models import Chat, ModelConfig, ProviderConfig, StoredMessage
 from pocketllm.providers.chat import ChatMessage, ChatRequest
@@ -1140,9 +1141,11 @@ async def test_reply_prepared_in_one_statement(
     assert (await send(client, headers, chat["id"], "First question")).status_code == 200
     engine = app.state.database.engine.sync_engine
     statements: list[str] = []
+    parameters: list[Any] = []
 
-    def record(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+    def record(connection: Any, cursor: Any, statement: str, sent: Any, *_: Any) -> None:
         statements.append(statement)
+        parameters.append(sent)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
@@ -1158,6 +1161,10 @@ async def test_reply_prepared_in_one_statement(
     assert "INSERT INTO messages" in statements[0]
     assert "FROM messages" in statements[0]
     assert "JOIN model_configs" not in statements[1]
+    # The first commits without waiting for the WAL flush; the stored reply waits for it.
+    assert "set_config(" in statements[0]
+    assert [value for value in parameters[0] if value in ("synchronous_commit", "off")] == ["synchronous_commit", "off"]
+    assert "set_config(" not in statements[1]
     sent = fake_provider.last_request("/chat/completions").body["messages"]
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]
 
@@ -1191,3 +1198,21 @@ async def test_reply_on_sqlite_makes_one_trip_per_transaction(
     ]
     sent = fake_provider.last_request("/chat/completions").body["messages"]
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]
+
+
+@pytest.mark.postgres_only
+async def test_reply_start_keeps_commit_setting_to_its_statement(
+    app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
+) -> None:
+    await setup_openai_model(client, headers, fake_provider)
+    chat = await new_chat(client, headers)
+    user_id = uuid.UUID((await client.get("/v1/users/profile", headers=headers)).json()["id"])
+    database: Database = app.state.database
+
+    async with database.statements() as connection:
+        start = await service.start_reply(connection, user_id, uuid.UUID(chat["id"]), content="Hi", metadata=None)
+        # The next statement on the same connection, as the pool would hand it to another request.
+        setting = (await connection.exec_driver_sql("SHOW synchronous_commit")).scalar()
+
+    assert start.message.sequence == 1
+    assert setting == "on"
