@@ -388,6 +388,8 @@ async def list_messages(
     return (await connection.execute(statement)).all()
 
 
+# The (role, content) pairs of the messages before sequence p_before, newest first, at most HISTORY_LIMIT of
+# them, without user messages whose reply failed: the history of a reply on SQLite.
 _RECENT_HISTORY = DriverQuery(
     select(StoredMessage.role, StoredMessage.content)
     .where(
@@ -398,12 +400,6 @@ _RECENT_HISTORY = DriverQuery(
     .order_by(StoredMessage.sequence.desc())
     .limit(HISTORY_LIMIT)
 )
-
-
-async def recent_history(connection: AsyncConnection, chat_id: uuid.UUID, *, before: int) -> Sequence[Sequence[str]]:
-    """Load the (role, content) pairs of the messages before sequence `before`, newest first, at most
-    HISTORY_LIMIT of them, without user messages whose reply failed."""
-    return await _RECENT_HISTORY.values(connection, {"p_chat_id": chat_id, "p_before": before})
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +459,7 @@ def _prompt_message_statement() -> Select[Any]:
     """Build the PostgreSQL statement that prepares a reply in one round trip.
 
     It reads the reply's model (`_REPLY_MODEL_SELECT`), numbers and stores the user's message only when
-    `_reply_model` would accept that model, and reads the history before the message as `recent_history`
+    `_reply_model` would accept that model, and reads the history before the message as `_RECENT_HISTORY`
     does. Its one row contains the model's columns, the new sequence number and the chat's title (NULL when
     nothing was stored), and the roles and contents of the history as two arrays, newest first (NULL when
     there is none). A chat that is not the user's returns no row.
@@ -557,15 +553,6 @@ def _reply_model(row: Sequence[Any]) -> ReplyModel:
         base_url=base_url,
         api_key_encrypted=api_key_encrypted,
     )
-
-
-async def resolve_model(connection: AsyncConnection, user_id: uuid.UUID, chat_id: uuid.UUID) -> ReplyModel:
-    """Find the model for a reply in one query: the chat's configuration, else the user's default, with its
-    provider. Raises ChatNotFound when the user has no such chat."""
-    row = await _REPLY_MODEL.first(connection, {"p_chat_id": chat_id, "p_user_id": user_id})
-    if row is None:
-        raise ChatNotFound()
-    return _reply_model(row)
 
 
 @dataclass(frozen=True, slots=True)
