@@ -32,6 +32,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("benchmarks.provider_client", ["--requests", "300", "--stream-requests", "100"]),
     ("benchmarks.chat_reads", ["--requests", "200"]),
     ("benchmarks.commit_flush", ["--statements", "400"]),
+    ("benchmarks.sqlite_commit_trip", ["--blocks", "400"]),
 ]
 JSON_PREFIX = "BENCHMARK-JSON "
 # Far above the longest full run of one benchmark; a benchmark that passes it is stopped and counted failed.

@@ -1188,13 +1188,11 @@ async def test_reply_on_sqlite_makes_one_trip_per_transaction(
 
     assert response.status_code == 200, response.text
     # The session check, then the reply's start (the model, the numbered user message and the history) and
-    # the stored reply, each in one trip to the connection's thread and a commit.
+    # the stored reply, each in one trip to the connection's thread with its BEGIN and its COMMIT.
     assert thread_trips == [
         "_execute_fetchall",
-        "BEGIN IMMEDIATE; _in_one_trip",
-        "commit",
-        "BEGIN IMMEDIATE; _in_one_trip",
-        "commit",
+        "BEGIN IMMEDIATE; _call_then_commit",
+        "BEGIN IMMEDIATE; _call_then_commit",
     ]
     sent = fake_provider.last_request("/chat/completions").body["messages"]
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]

@@ -314,6 +314,8 @@ async def test_one_trip_write_needs_writes(database: Database) -> None:
             await run_in_one_trip(
                 connection, lambda steps: steps.first(RENAME_CHAT, {"p_chat_id": chat_ids[0], "p_title": "Renamed"})
             )
+        with pytest.raises(ValueError, match="commits only with writes=True"):
+            await run_in_one_trip(connection, lambda steps: None, commit=True)
     async with database.engine.connect() as connection:
         with pytest.raises(ValueError, match="writes on SQLite only inside a transaction"):
             await run_in_one_trip(connection, lambda steps: None, writes=True)

@@ -201,3 +201,64 @@ async def test_rollback_waits_for_calls_still_queued(engine: AsyncEngine) -> Non
         await asyncio.gather(blocking, began, rolled_back)
 
         assert not driver.in_transaction
+
+
+def _edit_note(connection: OneTripConnection, note_id: int, body: str) -> int:
+    cursor = connection.sqlite_connection.execute("UPDATE notes SET body = ? WHERE id = ?", (body, note_id))
+    return cursor.rowcount
+
+
+def _fail_after_edit(connection: OneTripConnection) -> None:
+    _edit_note(connection, 1, "edited, then failed")
+    raise LookupError("failed after the edit")
+
+
+async def note_body(engine: AsyncEngine, note_id: int) -> str:
+    async with engine.connect() as connection:
+        return str((await connection.execute(select(_NOTES.c.body).where(_NOTES.c.id == note_id))).scalar_one())
+
+
+async def test_run_and_commit_commits_in_the_same_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
+    async with engine.begin() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert isinstance(driver, OneTripConnection)
+        changed = await driver.run_and_commit(_edit_note, 1, "committed with the edit")
+    trips = list(thread_trips)
+
+    assert changed == 1
+    # No trip for the block's own commit.
+    assert trips == ["BEGIN IMMEDIATE; _call_then_commit"]
+    assert await note_body(engine, 1) == "committed with the edit"
+
+
+async def test_statement_after_run_and_commit_raises(engine: AsyncEngine) -> None:
+    async def commit_then_write() -> None:
+        async with engine.begin() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert isinstance(driver, OneTripConnection)
+            await driver.run_and_commit(_edit_note, 1, "committed first")
+            # Outside a transaction, this would be committed on its own whatever the block does next.
+            await connection.execute(update(_NOTES).where(_NOTES.c.id == 2).values(body="not in a transaction"))
+
+    with pytest.raises(RuntimeError, match="committed by run_and_commit"):
+        await commit_then_write()
+
+    assert await note_body(engine, 1) == "committed first"
+    assert await note_body(engine, 2) == "note 2"
+    # The pooled connection works as before once the block has ended.
+    async with engine.begin() as connection:
+        await connection.execute(update(_NOTES).where(_NOTES.c.id == 2).values(body="next block"))
+    assert await note_body(engine, 2) == "next block"
+
+
+async def test_run_and_commit_failure_commits_nothing(engine: AsyncEngine) -> None:
+    async def fail_in_the_call() -> None:
+        async with engine.begin() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert isinstance(driver, OneTripConnection)
+            await driver.run_and_commit(_fail_after_edit)
+
+    with pytest.raises(LookupError, match="after the edit"):
+        await fail_in_the_call()
+
+    assert await note_body(engine, 1) == "note 1"

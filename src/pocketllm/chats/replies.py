@@ -178,9 +178,10 @@ class ReplyGenerator:
         """
         # Each statement is atomic on its own: nothing is stored unless the model is usable, and the message
         # is numbered and inserted in one statement (on PostgreSQL the same statement does all of it).
+        # On SQLite the statements and the block's commit are one trip to the connection's thread.
         async with self._database.statements() as connection:
             start = await service.start_reply(
-                connection, user_id, chat_id, content=payload.content, metadata=payload.metadata
+                connection, user_id, chat_id, content=payload.content, metadata=payload.metadata, commit=True
             )
         model_config, user_message, history = start.model, start.message, start.history
         record = ReplyRecord(
@@ -379,6 +380,7 @@ class ReplyGenerator:
                 content=storable_text(result.content),
                 status="incomplete" if result.incomplete else "complete",
                 metadata=metadata,
+                commit=True,
             )
         log.info(
             "chat.reply.stored",

@@ -262,6 +262,7 @@ async def append_message(
     content: str,
     status: str = "complete",
     metadata: dict[str, Any] | None = None,
+    commit: bool = False,
 ) -> Message:
     """Store a message at the chat's next sequence number; raises ChatNotFound if the chat is gone.
 
@@ -271,6 +272,9 @@ async def append_message(
     atomic on its own, so it is safe in `Database.statements()`. On SQLite they are two statements in the
     caller's transaction, sent in one trip to the connection's thread on a plain connection. With a
     session, neither goes through its unit of work, which would cost more than the statements themselves.
+
+    With `commit` on SQLite's plain connection, the caller's transaction is committed in the same trip, and
+    the caller's block must end without another statement (see `run_in_one_trip`).
     """
     chat_id = chat.id if isinstance(chat, Chat) else chat
     numbering, values = _message_parameters(user_id, chat_id, role, content, status, metadata)
@@ -283,7 +287,7 @@ async def append_message(
         sequence, title = row
     elif isinstance(session, AsyncConnection):
         sequence, title = await run_in_one_trip(
-            session, partial(_number_and_insert, numbering=numbering, values=values), writes=True
+            session, partial(_number_and_insert, numbering=numbering, values=values), writes=True, commit=commit
         )
     else:
         row = await _execute_one(session, _next_sequence_for(numbering), numbering)
@@ -571,6 +575,7 @@ async def start_reply(
     *,
     content: str,
     metadata: dict[str, Any] | None,
+    commit: bool = False,
 ) -> ReplyStart:
     """Find the reply's model, store the user's message, and read the history before it.
 
@@ -588,7 +593,8 @@ async def start_reply(
     message. A reply stored after it makes it durable, so a chat never keeps a reply without its message.
 
     On SQLite, which runs one write transaction at a time, each step is its own statement, the history is
-    read after the insert, and all of them run in one trip to the connection's thread.
+    read after the insert, and all of them run in one trip to the connection's thread. With `commit`, that
+    trip also commits the caller's transaction, and the caller's block must end without another statement.
     """
     numbering, values = _message_parameters(user_id, chat_id, "user", content, "complete", metadata)
     if connection.dialect.name != "postgresql":
@@ -596,6 +602,7 @@ async def start_reply(
             connection,
             partial(_start_reply_on_thread, user_id=user_id, numbering=numbering, values=values),
             writes=True,
+            commit=commit,
         )
         return ReplyStart(model, _stored_message(values, sequence), history)
 

@@ -215,7 +215,7 @@ class OneTripSteps:
 
 
 async def run_in_one_trip(
-    connection: AsyncConnection, function: Callable[[OneTripSteps], T], *, writes: bool = False
+    connection: AsyncConnection, function: Callable[[OneTripSteps], T], *, writes: bool = False, commit: bool = False
 ) -> T:
     """Call `function` on the thread of an SQLite connection (sqlite+aiosqlite, opened as OneTripConnection)
     and return what it returns.
@@ -223,15 +223,20 @@ async def run_in_one_trip(
     `function` runs its statements through the OneTripSteps it is given. It runs on that thread, so it must
     not touch the event loop or anything that a coroutine could change at the same time. Its exceptions
     are raised here. With `writes`, its statements may write, where DriverQuery's may: inside a transaction
-    that has begun, whose BEGIN then runs in the same trip.
+    that has begun, whose BEGIN then runs in the same trip. With `commit` (and `writes`), that transaction
+    is committed in the same trip once `function` returns, so the caller's block must end after this call
+    without another statement (see `OneTripConnection.run_and_commit`).
     """
+    if commit and not writes:
+        raise ValueError("run_in_one_trip commits only with writes=True.")
     if writes:
         _check_write_context(connection)
     raw = await connection.get_raw_connection()
     driver = raw.driver_connection
     if not isinstance(driver, OneTripConnection):
         raise ValueError("run_in_one_trip needs an SQLite connection of the engine's own (OneTripConnection).")
-    return await driver.run(_in_one_trip, partial(OneTripSteps, connection, writes), function)
+    run = driver.run_and_commit if commit else driver.run
+    return await run(_in_one_trip, partial(OneTripSteps, connection, writes), function)
 
 
 def _in_one_trip(

@@ -8,8 +8,9 @@ description, rowcount) return what that call stored. On a 2-core machine this cu
 statement by 40 to 50% (see docs/benchmarks.md, "Fourth round").
 
 The connection also skips the trip of a rollback when no transaction is open and no call is waiting for
-the thread (see `OneTripConnection.rollback`), and sends a transaction's BEGIN in the same trip as its
-first statement (see `OneTripConnection.defer_begin`).
+the thread (see `OneTripConnection.rollback`), sends a transaction's BEGIN in the same trip as its first
+statement (see `OneTripConnection.defer_begin`), and can send its COMMIT in the same trip as its last
+call (see `OneTripConnection.run_and_commit`).
 
 It relies on three private attributes of aiosqlite 0.22's Connection: `_execute` (queue a call for the
 thread, which OneTripConnection overrides to count the calls), `_conn` (the sqlite3 connection) and
@@ -136,6 +137,8 @@ class OneTripConnection(aiosqlite.Connection):
         self._finished = 0
         # A BEGIN statement that runs on the thread just before the next call (see defer_begin).
         self._pending_begin: str | None = None
+        # Whether a call committed the transaction that SQLAlchemy still considers open (see run_and_commit).
+        self._committed_by_call = False
 
     def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
@@ -143,6 +146,17 @@ class OneTripConnection(aiosqlite.Connection):
     async def run(self, function: Callable[..., T], *arguments: Any) -> T:
         """Call `function(self, *arguments)` on the connection's thread and return what it returns."""
         outcome: T = await self._execute(function, self, *arguments)
+        return outcome
+
+    async def run_and_commit(self, function: Callable[..., T], *arguments: Any) -> T:
+        """Like `run`, then commit the open transaction in the same trip once `function` has returned.
+
+        The transaction must end after this call: the caller's commit then makes no trip, and any other
+        call before it raises RuntimeError, because its statements would run outside a transaction. When
+        `function` raises, nothing is committed, and the caller's rollback ends the transaction as usual.
+        """
+        outcome: T = await self._execute(_call_then_commit, self, function, *arguments)
+        self._committed_by_call = True
         return outcome
 
     @property
@@ -159,6 +173,8 @@ class OneTripConnection(aiosqlite.Connection):
         self._pending_begin = statement
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._committed_by_call:
+            raise RuntimeError("The transaction was committed by run_and_commit; end it before running anything else.")
         self._queued += 1
         begin, self._pending_begin = self._pending_begin, None
         return await super()._execute(self._counted, begin, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
@@ -172,7 +188,11 @@ class OneTripConnection(aiosqlite.Connection):
             self._finished += 1
 
     async def commit(self) -> None:
-        """Commit the open transaction; one whose BEGIN was never sent has nothing to commit."""
+        """Commit the open transaction; one whose BEGIN was never sent, or that `run_and_commit` committed,
+        has nothing to commit."""
+        if self._committed_by_call:
+            self._committed_by_call = False
+            return
         if self._pending_begin is not None:
             self._pending_begin = None
             return
@@ -188,13 +208,22 @@ class OneTripConnection(aiosqlite.Connection):
         a transaction after the state is read, so the rollback is queued behind it as before.
         """
         self._pending_begin = None
+        self._committed_by_call = False
         if self._queued == self._finished and not self._conn.in_transaction:
             return
         await super().rollback()
 
     async def close(self) -> None:
         self._pending_begin = None
+        self._committed_by_call = False
         await super().close()
+
+
+def _call_then_commit(connection: OneTripConnection, function: Callable[..., T], *arguments: Any) -> T:
+    outcome = function(connection, *arguments)
+    if connection._conn.in_transaction:
+        connection._conn.commit()
+    return outcome
 
 
 async def _connect(connector: Callable[[], sqlite3.Connection]) -> OneTripConnection:

@@ -226,8 +226,9 @@ class _TransportErrors:
             )
             verification = _certificate_error(error)
             if verification is not None:
-                # The reason names the problem (for example "self-signed certificate" or a host name that
-                # the certificate does not list), which the user can act on.
+                # The reason is the first problem OpenSSL found (for example "self-signed certificate", or
+                # a host name that a certificate from a trusted authority does not list), which the user
+                # can act on.
                 raise ProviderRequestFailed(
                     f"The TLS certificate of {provider} could not be verified "
                     f"({scrub_secret(verification.verify_message or verification.reason or '', None)}); "
