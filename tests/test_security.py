@@ -306,7 +306,7 @@ class TestUnhandledError:
 
 class TestClientDisconnect:
     @pytest.mark.parametrize("settings_overrides", [{"log_format": "json"}])
-    async def test_disconnect_during_json_body_is_400_not_error(
+    async def test_disconnect_mid_body_is_400(
         self, app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str]
     ) -> None:
         chat = (await client.post("/v1/chats", headers=headers, json={})).json()

@@ -1169,7 +1169,7 @@ async def test_reply_prepared_in_one_statement(
     assert [message["content"] for message in sent] == ["First question", "First answer", "Second question"]
 
 
-async def test_reply_on_sqlite_makes_one_trip_per_transaction(
+async def test_sqlite_reply_one_trip_per_transaction(
     app: FastAPI,
     client: httpx.AsyncClient,
     headers: dict[str, str],
@@ -1199,7 +1199,7 @@ async def test_reply_on_sqlite_makes_one_trip_per_transaction(
 
 
 @pytest.mark.postgres_only
-async def test_reply_start_keeps_commit_setting_to_its_statement(
+async def test_commit_setting_stays_in_statement(
     app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str], fake_provider: FakeProvider
 ) -> None:
     await setup_openai_model(client, headers, fake_provider)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from pocketllm.db import engine as engine_module
@@ -213,15 +213,21 @@ def _fail_after_edit(connection: OneTripConnection) -> None:
     raise LookupError("failed after the edit")
 
 
+async def one_trip_driver(connection: AsyncConnection) -> OneTripConnection:
+    """Return the driver connection under `connection`, which the engine opens as a OneTripConnection."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert isinstance(driver, OneTripConnection)
+    return driver
+
+
 async def note_body(engine: AsyncEngine, note_id: int) -> str:
     async with engine.connect() as connection:
         return str((await connection.execute(select(_NOTES.c.body).where(_NOTES.c.id == note_id))).scalar_one())
 
 
-async def test_run_and_commit_commits_in_the_same_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
+async def test_run_and_commit_in_one_trip(engine: AsyncEngine, thread_trips: list[str]) -> None:
     async with engine.begin() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert isinstance(driver, OneTripConnection)
+        driver = await one_trip_driver(connection)
         changed = await driver.run_and_commit(_edit_note, 1, "committed with the edit")
     trips = list(thread_trips)
 
@@ -234,8 +240,7 @@ async def test_run_and_commit_commits_in_the_same_trip(engine: AsyncEngine, thre
 async def test_statement_after_run_and_commit_raises(engine: AsyncEngine) -> None:
     async def commit_then_write() -> None:
         async with engine.begin() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert isinstance(driver, OneTripConnection)
+            driver = await one_trip_driver(connection)
             await driver.run_and_commit(_edit_note, 1, "committed first")
             # Outside a transaction, this would be committed on its own whatever the block does next.
             await connection.execute(update(_NOTES).where(_NOTES.c.id == 2).values(body="not in a transaction"))
@@ -254,8 +259,7 @@ async def test_statement_after_run_and_commit_raises(engine: AsyncEngine) -> Non
 async def test_run_and_commit_failure_commits_nothing(engine: AsyncEngine) -> None:
     async def fail_in_the_call() -> None:
         async with engine.begin() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert isinstance(driver, OneTripConnection)
+            driver = await one_trip_driver(connection)
             await driver.run_and_commit(_fail_after_edit)
 
     with pytest.raises(LookupError, match="after the edit"):

@@ -290,7 +290,7 @@ async def append_message(
             session, partial(_number_and_insert, numbering=numbering, values=values), writes=True, commit=commit
         )
     else:
-        row = await _execute_one(session, _next_sequence_for(numbering), numbering)
+        row = await _execute_one(session, _next_sequence_for(role), numbering)
         if row is None:
             raise ChatNotFound()
         sequence, title = row
@@ -345,15 +345,17 @@ def _stored_message(values: dict[str, Any], sequence: int) -> Message:
     )
 
 
-def _next_sequence_for(numbering: dict[str, Any]) -> Update:
-    return _NEXT_SEQUENCE_NAMING_CHAT if "p_title" in numbering else _NEXT_SEQUENCE
+def _next_sequence_for(role: str) -> Update:
+    """Return the UPDATE that numbers a message of `role`: a user's message also names an untitled chat."""
+    return _NEXT_SEQUENCE_NAMING_CHAT if role == "user" else _NEXT_SEQUENCE
 
 
 def _number_and_insert(
     steps: OneTripSteps, *, numbering: dict[str, Any], values: dict[str, Any]
 ) -> tuple[int, str | None]:
-    """Number and insert a message on an SQLite connection's thread; return its number and the chat's title."""
-    row = steps.first(_ON_DRIVER[_next_sequence_for(numbering)], numbering)
+    """Number and insert a message on an SQLite connection's thread, and return its number and the chat's
+    title."""
+    row = steps.first(_ON_DRIVER[_next_sequence_for(values["p_role"])], numbering)
     if row is None:
         raise ChatNotFound()
     sequence, title = row
@@ -501,8 +503,8 @@ def _prompt_message_statement() -> Select[Any]:
         func.array_agg(aggregate_order_by(recent.c.role, newest_first)).label("roles"),
         func.array_agg(aggregate_order_by(recent.c.content, newest_first)).label("contents"),
     ).subquery("history")
-    # The transaction of this statement commits without waiting for its WAL to reach the disk: see
-    # `start_reply`. set_config(..., true) lasts until the end of the transaction, which is this statement.
+    # The statement's transaction commits without waiting for the write-ahead log flush (see `start_reply`).
+    # set_config(..., true) lasts until the end of the transaction, which is this statement.
     no_flush = select(func.set_config("synchronous_commit", "off", true()).label("setting")).cte("no_flush")
     return (
         select(*model.c, numbered.c.last_sequence, numbered.c.title, history.c.roles, history.c.contents)
@@ -630,8 +632,8 @@ async def start_reply(
 def _start_reply_on_thread(
     steps: OneTripSteps, *, user_id: uuid.UUID, numbering: dict[str, Any], values: dict[str, Any]
 ) -> tuple[ReplyModel, int, Sequence[Sequence[str]]]:
-    """Run start_reply's statements on an SQLite connection's thread; return the model, the message's number
-    and the history."""
+    """Run start_reply's statements on an SQLite connection's thread, and return the model, the message's
+    number and the history."""
     chat_id = values["p_chat_id"]
     row = steps.first(_REPLY_MODEL, {"p_chat_id": chat_id, "p_user_id": user_id})
     if row is None:

@@ -27,7 +27,6 @@ import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
 from sqlalchemy import Insert, Select, Update
@@ -167,8 +166,8 @@ class DriverQuery:
 
 
 class OneTripSteps:
-    """Runs DriverQuery statements on an SQLite connection's thread, for a function that `run_in_one_trip`
-    calls there.
+    """Runner of DriverQuery statements on an SQLite connection's thread, given to the function that
+    `run_in_one_trip` calls there.
 
     Each statement runs as `DriverQuery.all()` or `values()` would run it, with the same conversions, but
     without a trip of its own between the event loop and the thread. Statement listeners see each statement
@@ -198,7 +197,7 @@ class OneTripSteps:
 
     def _fetch(self, query: DriverQuery, parameters: Mapping[str, Any]) -> tuple[_Plan, list[Any]]:
         if query.writes and not self._may_write:
-            raise ValueError("This statement writes; pass writes=True to run_in_one_trip.")
+            raise ValueError("This statement writes, so pass writes=True to run_in_one_trip.")
         plan = query.plan_for(self._dialect)
         arguments = _arguments(plan, parameters)
         connection, dispatch = self._sync_connection, self._dispatch
@@ -236,15 +235,13 @@ async def run_in_one_trip(
     if not isinstance(driver, OneTripConnection):
         raise ValueError("run_in_one_trip needs an SQLite connection of the engine's own (OneTripConnection).")
     run = driver.run_and_commit if commit else driver.run
-    return await run(_in_one_trip, partial(OneTripSteps, connection, writes), function)
+    return await run(_in_one_trip, connection, writes, function)
 
 
 def _in_one_trip(
-    driver: OneTripConnection,
-    steps: Callable[[sqlite3.Connection], OneTripSteps],
-    function: Callable[[OneTripSteps], T],
+    driver: OneTripConnection, connection: AsyncConnection, writes: bool, function: Callable[[OneTripSteps], T]
 ) -> T:
-    return function(steps(driver.sqlite_connection))
+    return function(OneTripSteps(connection, writes, driver.sqlite_connection))
 
 
 def _check_write_context(connection: AsyncConnection) -> None:

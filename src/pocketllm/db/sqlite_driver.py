@@ -174,7 +174,9 @@ class OneTripConnection(aiosqlite.Connection):
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._committed_by_call:
-            raise RuntimeError("The transaction was committed by run_and_commit; end it before running anything else.")
+            raise RuntimeError(
+                "The transaction was committed by run_and_commit. End the block before running anything else."
+            )
         self._queued += 1
         begin, self._pending_begin = self._pending_begin, None
         return await super()._execute(self._counted, begin, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
@@ -188,7 +190,7 @@ class OneTripConnection(aiosqlite.Connection):
             self._finished += 1
 
     async def commit(self) -> None:
-        """Commit the open transaction; one whose BEGIN was never sent, or that `run_and_commit` committed,
+        """Commit the open transaction. One whose BEGIN was never sent, or that `run_and_commit` committed,
         has nothing to commit."""
         if self._committed_by_call:
             self._committed_by_call = False
@@ -221,8 +223,9 @@ class OneTripConnection(aiosqlite.Connection):
 
 def _call_then_commit(connection: OneTripConnection, function: Callable[..., T], *arguments: Any) -> T:
     outcome = function(connection, *arguments)
-    if connection._conn.in_transaction:
-        connection._conn.commit()
+    sqlite_connection = connection.sqlite_connection
+    if sqlite_connection.in_transaction:
+        sqlite_connection.commit()
     return outcome
 
 

@@ -205,9 +205,8 @@ async def _check_json_body(request: Request) -> None:
     try:
         body = await request.body()
     except ClientDisconnect:
-        # The client closed the connection before the whole body arrived. FastAPI answers a body it cannot
-        # read with this 400, and so does this check; the client is gone, but the log and the metrics
-        # record a client's failure, not a server error.
+        # The client closed the connection before the whole body arrived. FastAPI rejects a body it cannot
+        # read with this 400, and so does this check, so the log and the metrics record a client's failure.
         raise HTTPException(400, "The connection closed before the whole request body arrived.") from None
 
     # Cheap tests first, so that ordinary bodies are not parsed twice.

@@ -492,8 +492,8 @@ def _build_pinned_request(
     """Pick the client for `target` and build the request with the URL host replaced by the checked address.
 
     Returns the client's transport, which the guard sends the request on. `AsyncClient.build_request` and
-    `send` would add authentication, redirects, event hooks and cookies, which provider requests never use;
-    skipping them saves about 80 µs of CPU per call (docs/benchmarks.md, "Twelfth round"). The request gets
+    `send` would add authentication, redirects, event hooks and cookies, which provider requests never use.
+    Skipping them saves about 80 µs of CPU per call (docs/benchmarks.md, "Twelfth round"). The request gets
     what `build_request` would take from the client: its headers and its timeout, unless `options` has one.
     """
     if isinstance(clients, HostClients):
