@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import hashlib
 import socket
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
-from pocketllm.providers.network import READ_BUFFER_LIMIT, AsyncioStream, ProviderTransport
+from pocketllm.providers.network import READ_BUFFER_LIMIT, AsyncioStream, ProviderClient, ProviderTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -38,9 +41,9 @@ def response_head(length: int, *extra: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def provider_client(**options: float) -> httpx.AsyncClient:
+def provider_client(**options: float) -> ProviderClient:
     transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
-    return httpx.AsyncClient(transport=transport, trust_env=False, timeout=httpx.Timeout(5.0, **options))
+    return ProviderClient(transport=transport, trust_env=False, timeout=httpx.Timeout(5.0, **options))
 
 
 async def test_connection_uses_asyncio_stream() -> None:
@@ -161,3 +164,83 @@ async def test_refused_connection_is_connect_error() -> None:
     async with provider_client() as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/")
+
+
+class _RequestState:
+    """Stand-in for a request's ASGI scope, which a context variable of the request's task refers to."""
+
+
+_request_state: contextvars.ContextVar[_RequestState] = contextvars.ContextVar("request_state")
+
+
+async def test_pooled_connection_keeps_no_request_context() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(response_head(2) + b"ok")
+        await writer.drain()
+        await reader.read()  # keeps the connection open until the client closes it
+
+    async def request_in_own_context(client: httpx.AsyncClient, url: str) -> weakref.ref[_RequestState]:
+        state = _RequestState()
+        _request_state.set(state)
+        response = await client.get(url)
+        assert response.status_code == 200
+        return weakref.ref(state)
+
+    async with raw_server(handle) as url, provider_client() as client:
+        state_reference = await asyncio.create_task(request_in_own_context(client, url))
+        # The event loop callback that resumed this task refers to the finished task until it returns.
+        await asyncio.sleep(0)
+        gc.collect()
+        pooled = client._provider_transport._pool.connections  # type: ignore[union-attr]
+
+        assert len(pooled) == 1
+        assert pooled[0].is_idle()
+        # The connection stays in the pool, but the context of the request that opened it is gone.
+        assert state_reference() is None
+
+
+async def test_close_idle_connections_spares_active_ones() -> None:
+    closed_by_client = 0
+    opened = 0
+    release_body = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed_by_client, opened
+        opened += 1
+        while True:
+            try:
+                head = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                closed_by_client += 1
+                return
+            if b"GET /slow " in head:
+                writer.write(response_head(8) + b"slow")
+                await writer.drain()
+                await release_body.wait()
+                writer.write(b"body")
+            else:
+                writer.write(response_head(2) + b"ok")
+            await writer.drain()
+
+    async with raw_server(handle) as url, provider_client() as client:
+        async with client.stream("GET", f"{url}/slow") as slow:
+            # A second connection, because the first is busy with the slow response. It is idle afterwards.
+            first = await client.get(f"{url}/fast")
+            closed = await client.close_idle_connections()
+            release_body.set()
+            slow_body = await slow.aread()
+        for _ in range(200):
+            if closed_by_client == 1:
+                break
+            await asyncio.sleep(0.01)
+        second = await client.get(f"{url}/fast")
+
+    assert first.status_code == 200
+    assert closed == 1
+    assert closed_by_client == 1
+    # The response that was being read when the idle connection closed was not cut.
+    assert slow_body == b"slowbody"
+    # The pool dropped the closed connection and reused the one the slow response left idle.
+    assert second.status_code == 200
+    assert opened == 2

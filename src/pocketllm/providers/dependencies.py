@@ -22,6 +22,10 @@ class ProviderRuntime:
     cache: JsonCache
     secrets: SecretBox
 
+    async def close_idle_connections(self) -> int:
+        """Close idle keep-alive connections to providers and return how many were closed."""
+        return await self.http_client.close_idle_connections()
+
     async def close(self) -> None:
         await self.http_client.aclose()
         await self.cache.close()

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from pocketllm.errors import InvalidInput
+from pocketllm.providers.network import ProviderClient
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -470,6 +471,14 @@ class HostClients:
                 return self.shared, False
             client = self._by_host[name] = self._make_client()
         return client, True
+
+    async def close_idle_connections(self) -> int:
+        """Close the idle keep-alive connections of every `ProviderClient` here and return how many."""
+        closed = 0
+        for client in (self.shared, *self._by_host.values()):
+            if isinstance(client, ProviderClient):
+                closed += await client.close_idle_connections()
+        return closed
 
     async def aclose(self) -> None:
         for client in (self.shared, *self._by_host.values()):
