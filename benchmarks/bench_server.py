@@ -36,6 +36,7 @@ from pocketllm.config import load_settings
 from pocketllm.db.engine import create_engine
 from pocketllm.db.migrate import upgrade_database
 from pocketllm.kit.collector import tune_garbage_collector
+from pocketllm.kit.memory import use_system_allocator
 
 
 class StatementClock:
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1 to listen on")
 
     arguments = parser.parse_args()
+    # As `pocketllm serve` does: run again on glibc's allocator, so that the memory trimmer can give memory back.
+    use_system_allocator()
     raise_file_limit()
 
     settings = load_settings()

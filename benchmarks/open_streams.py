@@ -13,7 +13,9 @@ Then the upstream releases every stream, the replies are stored, and the RSS is 
   RSS at the first) / (streams between them).
 * Time to first token: p50 and p99 over the streams opened in the last step, which were opened at once
   while the earlier streams stayed open, and over all streams.
-* Memory after the streams end, as a ratio to the RSS before the first step (target: within 10%).
+* Memory after the streams end, as a ratio to the RSS before the first step (target: within 10%). Both
+  are read `MEMORY_SETTLE_SECONDS` after the last stream ended, once the server's memory trimmer has
+  checked the quiet process.
 * Growth in a second, identical ramp: (RSS after the second ramp - RSS after the first) / (RSS after the
   first - RSS before). Near 0 means that the allocator kept the memory after the first ramp and the
   second reused it. Near 1 would mean that each ramp leaks as much again.
@@ -58,11 +60,15 @@ from benchmarks.launch import (
     start_upstream,
 )
 from benchmarks.rawhttp import JSON_HEADERS, HttpConnection, HttpResult, json_request_body
+from pocketllm.kit.memory import CHECK_INTERVAL_SECONDS
 
 CHATS = 100
 WARMUP_STREAMS = 20
 MEMORY_RETURN_TARGET = 1.10
 SETTLE_SECONDS = 2.0
+# The server's memory trimmer (pocketllm/kit/memory.py) checks once per interval, so one interval after the
+# settling time it has seen the quiet event loop. The RSS readings before and after the streams both wait this.
+MEMORY_SETTLE_SECONDS = SETTLE_SECONDS + CHECK_INTERVAL_SECONDS
 POOL_WATCH_SECONDS = 1.0
 SERVER_DELTA_MARKER = b"event: delta"
 MEBIBYTE = 1024 * 1024
@@ -147,17 +153,17 @@ async def measure_database(database: DatabaseKind, arguments: argparse.Namespace
                 warmup = StreamSet(server, account.headers, account.chat_ids)
                 warmup.open(WARMUP_STREAMS)
                 await asyncio.gather(*warmup.tasks)
-                await asyncio.sleep(SETTLE_SECONDS)
+                await asyncio.sleep(MEMORY_SETTLE_SECONDS)
                 rss_start = rss_bytes(server.pid)
 
                 figures, released, errors = await ramp_and_release(server, upstream, account, arguments)
-                await asyncio.sleep(SETTLE_SECONDS)
+                await asyncio.sleep(MEMORY_SETTLE_SECONDS)
                 rss_end = rss_bytes(server.pid)
                 pool_after = await bench_json(server, "/bench/pool")
                 # The same ramp again. It reuses memory that the allocator kept after the first one, so the
                 # RSS stays where it was. Memory that leaks would grow it by about as much again.
                 _, second_released, second_errors = await ramp_and_release(server, upstream, account, arguments)
-                await asyncio.sleep(SETTLE_SECONDS)
+                await asyncio.sleep(MEMORY_SETTLE_SECONDS)
                 rss_second_end = rss_bytes(server.pid)
                 figures.update(
                     {

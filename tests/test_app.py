@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 import pocketllm.db.engine as engine_module
 from pocketllm.app import create_app
 from pocketllm.config import Settings
+from pocketllm.kit.memory import MemoryTrimmer, can_trim
 from tests.helpers import DEFAULT_PASSWORD, auth_headers, sign_up
 
 API_ROUTES = {
@@ -360,3 +361,17 @@ async def test_queued_sqlite_writes_wait_one_busy_timeout(short_busy_app: ShortB
     # queue, and 0.2 s for the lock.
     assert [response.status_code for response in responses] == [503] * 8
     assert {response.json()["code"] for response in responses} == {"database_busy"}
+
+
+@pytest.mark.skipif(not can_trim(), reason="needs glibc's malloc_trim")
+async def test_lifespan_runs_memory_trimmer(settings: Settings) -> None:
+    app = create_app(settings)
+
+    async with app.router.lifespan_context(app):
+        running = {task.get_name() for task in asyncio.all_tasks() if not task.done()}
+        trimmer = app.state.memory_trimmer
+    stopped = {task.get_name() for task in asyncio.all_tasks() if not task.done()}
+
+    assert isinstance(trimmer, MemoryTrimmer)
+    assert "memory-trimmer" in running
+    assert "memory-trimmer" not in stopped

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from pocketllm.cli import graceful_shutdown_seconds
 from pocketllm.db.engine import Database
 from pocketllm.db.migrate import head_revision
+from pocketllm.kit.memory import can_trim
 from pocketllm.referrals.service import normalize_code
 from tests.conftest import make_settings
 from tests.helpers import DEFAULT_PASSWORD
@@ -197,6 +198,15 @@ def free_port() -> int:
 @contextmanager
 def running_server(*arguments: str, environment: dict[str, str], cwd: Path) -> Iterator[str]:
     """Start `pocketllm serve` on a free loopback port; yield its base URL once /health answers."""
+    with serve_process(*arguments, environment=environment, cwd=cwd) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def serve_process(
+    *arguments: str, environment: dict[str, str], cwd: Path
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start `pocketllm serve` like `running_server`; yield its base URL and process once /health responds."""
     port = free_port()
     process = subprocess.Popen(  # noqa: S603  (fixed interpreter and arguments)
         [sys.executable, "-m", "pocketllm", "serve", "--host", "127.0.0.1", "--port", str(port), *arguments],
@@ -222,7 +232,7 @@ def running_server(*arguments: str, environment: dict[str, str], cwd: Path) -> I
             if time.monotonic() > deadline:
                 raise AssertionError("server did not answer /health within 30 s")
             time.sleep(0.1)
-        yield base_url
+        yield base_url, process
     finally:
         process.terminate()
         process.wait(timeout=15)
@@ -254,6 +264,33 @@ def test_serve_embedded_default_keeps_secrets_across_restarts(tmp_path: Path) ->
     with running_server(environment=environment, cwd=tmp_path) as base_url:
         profile = httpx.get(f"{base_url}/v1/users/profile", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert profile.status_code == 200, profile.text
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    """Return the environment that process `pid` was started (or last exec'd) with, from /proc."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+@pytest.mark.skipif(not can_trim(), reason="needs glibc's malloc_trim")
+def test_serve_restarts_on_system_allocator(tmp_path: Path) -> None:
+    environment = serve_environment()
+    environment.pop("PYTHONMALLOC", None)
+
+    with serve_process(environment=environment, cwd=tmp_path) as (base_url, process):
+        # The process that responds is the one started, after it ran its command line again.
+        server_environment = process_environment(process.pid)
+        health = httpx.get(f"{base_url}/health", timeout=10)
+
+    assert server_environment.get("PYTHONMALLOC") == "malloc"
+    assert health.status_code == 200
+
+
+def test_serve_keeps_operator_allocator(tmp_path: Path) -> None:
+    with serve_process(environment=serve_environment(PYTHONMALLOC="pymalloc"), cwd=tmp_path) as (_, process):
+        server_environment = process_environment(process.pid)
+
+    assert server_environment.get("PYTHONMALLOC") == "pymalloc"
 
 
 @pytest.mark.parametrize(("arguments", "worker"), [((), "running"), (("--no-worker",), "off")])

@@ -36,6 +36,7 @@ from pocketllm.kit.cache import build_cache
 from pocketllm.kit.collector import tune_garbage_collector
 from pocketllm.kit.crypto import SecretBox
 from pocketllm.kit.logging import configure_logging
+from pocketllm.kit.memory import MemoryTrimmer, can_trim
 from pocketllm.kit.metrics import install_metrics
 from pocketllm.kit.ratelimit import build_rate_limiter, parse_trusted_proxies
 from pocketllm.kit.request_id import RequestIdMiddleware
@@ -156,6 +157,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_worker:
             app.state.job_worker = build_job_worker(settings, database, app.state.storage, app.state.providers)
             worker_task = asyncio.create_task(app.state.job_worker.run(worker_stop), name="job-worker")
+        trim_stop = asyncio.Event()
+        trim_task: asyncio.Task[None] | None = None
+        app.state.memory_trimmer = None
+        if can_trim():
+            app.state.memory_trimmer = MemoryTrimmer(app.state.providers.close_idle_connections)
+            trim_task = asyncio.create_task(app.state.memory_trimmer.run(trim_stop), name="memory-trimmer")
         await app.state.auth_backend.start()
         log.info(
             "app.started",
@@ -181,6 +188,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checkpoint_stop.set()
             if checkpoint_task is not None:
                 await checkpoint_task
+            trim_stop.set()
+            if trim_task is not None:
+                await trim_task
             await app.state.auth_backend.close()
             await app.state.providers.close()
             await app.state.rate_limiter.close()

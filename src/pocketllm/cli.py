@@ -25,6 +25,7 @@ from pocketllm.db.engine import Database, DatabaseFileError, create_engine
 from pocketllm.db.migrate import current_revision, head_revision, upgrade_database
 from pocketllm.errors import InvalidInput
 from pocketllm.kit.logging import configure_logging
+from pocketllm.kit.memory import use_system_allocator
 
 T = TypeVar("T")
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+
+    if arguments.command == "serve" and argv is None:
+        # Only for the process's own command line: `main(["serve"])` called from other code must not exec.
+        use_system_allocator()
 
     if arguments.command == "keys" and arguments.keys_command == "generate":
         print(Fernet.generate_key().decode())
