@@ -3,8 +3,11 @@ forms, file checks, costs and error mapping."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +21,7 @@ from pocketllm.jobs.images import (
     ImageRequestRejected,
     ImageResult,
     InvalidImageResponse,
+    download_image,
     generate_images,
 )
 from pocketllm.jobs.prices import ImageRequest, imagerouter_image_models
@@ -30,6 +34,7 @@ from pocketllm.providers.errors import (
 )
 from pocketllm.providers.guard import OutboundGuard, ProviderUrlNotAllowed
 from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.network import ProviderClient, ProviderTransport
 from pocketllm.providers.registry import PROVIDERS
 from tests.conftest import loopback_only_resolver
 from tests.fakes.provider import (
@@ -551,3 +556,39 @@ async def test_redirected_image_url_is_not_followed(fake: FakeProvider, http: Pr
         await generate(http, openai_target(fake), ImageRequest(PROMPT, "dall-e-2"))
 
     assert "HTTP 302" in raised.value.message
+
+
+async def test_dripping_download_ends_at_deadline() -> None:
+    # Each piece comes well within the read timeout, but the whole body would take about 4 s.
+    connection_closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 40\r\n\r\n")
+        # Returns once the client has closed the connection.
+        client_gone = asyncio.create_task(reader.read())
+        for _ in range(40):
+            if client_gone.done():
+                break
+            writer.write(b"x")
+            await asyncio.sleep(0.1)
+        await client_gone
+        connection_closed.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/image.png"
+    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
+    async with ProviderClient(transport=transport, trust_env=False, timeout=10) as client:
+        http = ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver))
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeout):
+            await download_image(
+                http, url, provider="openai", timeout=SHORT_TIMEOUT_SECONDS, max_image_bytes=MAX_IMAGE_BYTES
+            )
+        elapsed = time.monotonic() - started
+        await asyncio.wait_for(connection_closed.wait(), timeout=5)
+    server.close()
+
+    # Ended by the download's own deadline, not by the body's end or the client's 10 s read timeout.
+    assert elapsed < 2
+    assert connection_closed.is_set()

@@ -8,6 +8,7 @@ bytes a test gives it.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from pocketllm.providers.errors import (
 )
 from pocketllm.providers.guard import OutboundGuard
 from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.network import ProviderClient, ProviderTransport
 from pocketllm.providers.registry import PROVIDERS
 from tests.fakes.provider import (
     DEFAULT_REPLY_TEXT,
@@ -188,7 +190,9 @@ def anthropic_finish(stop_reason: str = "end_turn", output_tokens: int = 3) -> b
 
 @asynccontextmanager
 async def provider_http(timeout: float = 10.0) -> AsyncIterator[ProviderHttp]:
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    # The server's transport, which the wait for the end of a stream's body needs (see read_to_end).
+    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
+    async with ProviderClient(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client:
         yield ProviderHttp(client, OutboundGuard(allow_private=True))
 
 

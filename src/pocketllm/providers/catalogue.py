@@ -14,7 +14,7 @@ from pocketllm.errors import PocketLLMError
 from pocketllm.kit.cache import JsonCache
 from pocketllm.providers.clients import anthropic, openai
 from pocketllm.providers.errors import ProviderTimeout
-from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.http import ProviderHttp, wait_without_cancelling
 from pocketllm.providers.registry import Capability, Protocol, ProviderSpec
 from pocketllm.providers.schemas import ModelPricing, ProviderModel
 
@@ -92,7 +92,7 @@ class Catalogue:
 
         client = anthropic if target.spec.protocol is Protocol.ANTHROPIC else openai
         try:
-            raw = await asyncio.wait_for(
+            raw = await wait_without_cancelling(
                 client.list_models(
                     self._http,
                     provider=target.provider,

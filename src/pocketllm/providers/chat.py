@@ -8,7 +8,6 @@ domain error, as `complete_chat` raises it. A failure after some text is reporte
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -23,6 +22,7 @@ from pocketllm.errors import PocketLLMError
 from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge
 from pocketllm.providers.errors import ContextLengthExceeded, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.http import MAX_RESPONSE_BYTES, ProviderHttp, read_limited, undecodable_body
+from pocketllm.providers.network import AsyncioStream
 from pocketllm.providers.registry import Protocol, ProviderSpec
 
 if TYPE_CHECKING:
@@ -229,18 +229,26 @@ async def read_sse_events(response: httpx.Response, *, provider: str) -> AsyncGe
         log.info("provider.stream_ended_inside_event", provider=provider)
 
 
-async def read_to_end(events: AsyncGenerator[SseEvent, None]) -> None:
+async def read_to_end(events: AsyncGenerator[SseEvent, None], response: httpx.Response) -> None:
     """Read the rest of a stream after the provider's last event, for at most END_OF_BODY_WAIT_SECONDS.
 
     httpcore puts a connection back in its pool only when the response was read to its end, and closes
     it otherwise. Without this read, each streamed reply would open a new connection (with TLS, a new
     handshake). What follows the last event, usually only the end of the chunked body, is discarded.
+
+    The time limit is a read deadline on the connection (`AsyncioStream.set_read_deadline`), not a task
+    cancellation, which could leave the connection checked out of httpcore's pool for good.
     """
+    stream = response.extensions.get("network_stream")
+    if not isinstance(stream, AsyncioStream):
+        # Only the provider clients' own transport can take a deadline. Closing the response unread
+        # closes the connection.
+        return
+    stream.set_read_deadline(END_OF_BODY_WAIT_SECONDS)
     try:
-        async with asyncio.timeout(END_OF_BODY_WAIT_SECONDS):
-            async for _ in events:
-                pass
-    except (TimeoutError, PocketLLMError):
+        async for _ in events:
+            pass
+    except PocketLLMError:
         # The reply is complete, so only the connection is lost: httpcore closes it.
         pass
 

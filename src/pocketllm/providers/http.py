@@ -6,16 +6,17 @@ provider text reaches our responses or logs without `scrub_secret` first.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json as jsonlib
 import math
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import structlog
@@ -382,3 +383,27 @@ def raise_for_provider_status(
     detail = provider_error_message(response, secret)
     suffix = f": {detail}" if detail else "."
     raise ProviderRequestFailed(f"{provider} responded with HTTP {status}{suffix}")
+
+
+_T = TypeVar("_T")
+
+
+async def wait_without_cancelling(coroutine: Coroutine[Any, Any, _T], timeout: float) -> _T:
+    """Run `coroutine` in a task of its own and return its result, or raise TimeoutError after `timeout` seconds.
+
+    A late task is left to finish rather than cancelled, and its result or error is dropped. Cancelling a
+    task while httpx closes a response can leave the connection checked out of httpcore's pool for good
+    (httpcore 1.0.9), so give each request in `coroutine` a timeout of its own, which ends it.
+    """
+    task = asyncio.ensure_future(coroutine)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.add_done_callback(_drop_result)
+        raise TimeoutError
+    return task.result()
+
+
+def _drop_result(task: asyncio.Future[Any]) -> None:
+    # Reading the error keeps asyncio from logging "Task exception was never retrieved" for a late failure.
+    if not task.cancelled():
+        task.exception()

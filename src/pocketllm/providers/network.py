@@ -130,17 +130,32 @@ async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> None:
 class AsyncioStream(httpcore.AsyncNetworkStream):
     """One TCP connection, or the TLS connection over it after `start_tls`, as httpcore reads and writes it."""
 
-    __slots__ = ("_protocol", "_transport")
+    __slots__ = ("_protocol", "_read_deadline", "_transport")
 
     def __init__(self, transport: asyncio.Transport, protocol: _ConnectionProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._read_deadline: float | None = None
+
+    def set_read_deadline(self, seconds: float) -> None:
+        """Make reads of the current response fail with httpcore.ReadTimeout once `seconds` have passed.
+
+        httpcore handles the timeout like any other: it closes the connection and takes it out of the pool.
+        Cancelling the reading task instead, with asyncio.timeout(), can interrupt httpcore while it closes
+        the response, and httpcore 1.0.9 then keeps the connection checked out of its pool for good. The
+        deadline ends with the next write, which starts the connection's next request.
+        """
+        self._read_deadline = asyncio.get_running_loop().time() + seconds
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Return up to `max_bytes` received bytes, or b"" once the server closed the connection cleanly."""
         protocol = self._protocol
         if not protocol.chunks and not protocol.eof:
-            waiter = protocol.read_waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            if self._read_deadline is not None:
+                remaining = max(self._read_deadline - loop.time(), 0.0)
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            waiter = protocol.read_waiter = loop.create_future()
             try:
                 await _wait(waiter, timeout)
             except TimeoutError:
@@ -157,6 +172,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         """Send `buffer`, waiting while the transport's write buffer is over its limit."""
         if not buffer:
             return
+        self._read_deadline = None
         protocol = self._protocol
         if protocol.error is not None or self._transport.is_closing():
             raise httpcore.WriteError("the connection is closed")

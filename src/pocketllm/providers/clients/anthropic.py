@@ -182,7 +182,7 @@ async def _stream_text(
                     raise _error_from_object(payload.get("error"), target=target, model=model)
                 if event_type == "message_stop":
                     progress.finished = True
-                    await read_to_end(events)
+                    await read_to_end(events, response)
                     return
                 text = _read_event(event_type, payload, progress, usage)
                 if text:

@@ -130,7 +130,7 @@ async def _stream_text(
             async for event in events:
                 if event.data.strip() == "[DONE]":
                     progress.finished = True
-                    await read_to_end(events)
+                    await read_to_end(events, response)
                     return
                 # Parsed in a function, so that this generator keeps no reference to the decoded chunk while it waits.
                 yield _read_event(event, progress, target=target, model=model)
