@@ -132,11 +132,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1 to listen on")
 
     arguments = parser.parse_args()
-    # As `pocketllm serve` does: run again on glibc's allocator, so that the memory trimmer can give memory back.
-    use_system_allocator()
+    settings = load_settings()
+    # As `pocketllm serve` does on PostgreSQL: run again on glibc's allocator, so that the memory trimmer can
+    # give memory back.
+    if not settings.is_sqlite:
+        use_system_allocator()
     raise_file_limit()
 
-    settings = load_settings()
     # As `pocketllm serve` does: migrate before serving, so that the lifespan has nothing to do.
     if settings.migrate_on_start:
         asyncio.run(_migrate(settings.effective_database_url))

@@ -272,9 +272,10 @@ def process_environment(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
+@pytest.mark.postgres_only
 @pytest.mark.skipif(not can_trim(), reason="needs glibc's malloc_trim")
-def test_serve_restarts_on_system_allocator(tmp_path: Path) -> None:
-    environment = serve_environment()
+def test_serve_restarts_on_system_allocator(database_url: str, tmp_path: Path) -> None:
+    environment = serve_environment(DATABASE_URL=database_url, DATA_DIR=str(tmp_path / "data"))
     environment.pop("PYTHONMALLOC", None)
 
     with serve_process(environment=environment, cwd=tmp_path) as (base_url, process):
@@ -286,11 +287,24 @@ def test_serve_restarts_on_system_allocator(tmp_path: Path) -> None:
     assert health.status_code == 200
 
 
-def test_serve_keeps_operator_allocator(tmp_path: Path) -> None:
-    with serve_process(environment=serve_environment(PYTHONMALLOC="pymalloc"), cwd=tmp_path) as (_, process):
+@pytest.mark.postgres_only
+def test_serve_keeps_operator_allocator(database_url: str, tmp_path: Path) -> None:
+    environment = serve_environment(DATABASE_URL=database_url, DATA_DIR=str(tmp_path / "data"), PYTHONMALLOC="pymalloc")
+
+    with serve_process(environment=environment, cwd=tmp_path) as (_, process):
         server_environment = process_environment(process.pid)
 
     assert server_environment.get("PYTHONMALLOC") == "pymalloc"
+
+
+def test_serve_on_sqlite_keeps_allocator(tmp_path: Path) -> None:
+    environment = serve_environment()
+    environment.pop("PYTHONMALLOC", None)
+
+    with serve_process(environment=environment, cwd=tmp_path) as (_, process):
+        server_environment = process_environment(process.pid)
+
+    assert "PYTHONMALLOC" not in server_environment
 
 
 @pytest.mark.parametrize(("arguments", "worker"), [((), "running"), (("--no-worker",), "off")])

@@ -4,7 +4,7 @@ Each open reply stream takes about 60 KiB of heap, so a burst of 1,000 streams g
 60 MiB. CPython's small-object allocator (pymalloc) frees a 1 MiB arena only once every object in it is
 gone. A few objects that outlive the burst (pooled connections, cache entries, metric series) are spread
 over the arenas it added, so after the burst pymalloc keeps most of them. glibc's allocator keeps freed
-pages too, but gives them back on `malloc_trim`. So `pocketllm serve` runs the server with
+pages too, but gives them back on `malloc_trim`. So `pocketllm serve` on PostgreSQL runs the server with
 PYTHONMALLOC=malloc (`use_system_allocator`), and `MemoryTrimmer` trims the heap once the load that grew
 it has gone. docs/benchmarks.md ("Open streams") has the measurements.
 """
