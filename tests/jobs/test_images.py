@@ -564,19 +564,23 @@ async def read_until_closed(reader: asyncio.StreamReader) -> None:
         await reader.read()
 
 
-async def test_dripping_download_ends_at_deadline() -> None:
-    # Each piece comes well within the read timeout, but the whole body would take about 4 s.
+@pytest.mark.parametrize("dripped", ["head", "body"])
+async def test_dripping_download_ends_at_deadline(dripped: str) -> None:
+    # Each byte comes well within the read timeout, but the whole response would take about 8 s.
     connection_closed = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 40\r\n\r\n"
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 40\r\n\r\n")
         # Ends once the client has closed the connection. With bytes it had not read, the close is a reset.
         client_gone = asyncio.create_task(read_until_closed(reader))
-        for _ in range(40):
+        dripping = head + b"x" * 40 if dripped == "head" else b"x" * 40
+        if dripped == "body":
+            writer.write(head)
+        for byte in dripping:
             if client_gone.done():
                 break
-            writer.write(b"x")
+            writer.write(bytes([byte]))
             await asyncio.sleep(0.1)
         await client_gone
         connection_closed.set()
@@ -595,6 +599,6 @@ async def test_dripping_download_ends_at_deadline() -> None:
         await asyncio.wait_for(connection_closed.wait(), timeout=5)
     server.close()
 
-    # Ended by the download's own deadline, not by the body's end or the client's 10 s read timeout.
+    # Ended by the download's own deadline, not by the response's end or the client's 10 s read timeout.
     assert elapsed < 2
     assert connection_closed.is_set()

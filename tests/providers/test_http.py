@@ -26,7 +26,6 @@ from pocketllm.providers.http import (
     ProviderResponseTooLarge,
     retry_after_seconds,
     scrub_secret,
-    wait_without_cancelling,
 )
 from tests.conftest import loopback_only_resolver, make_settings
 from tests.fakes.provider import VALID_API_KEY, FakeProvider
@@ -263,28 +262,3 @@ async def test_stream_body_sent_then_released(provider_http: ProviderHttp, fake_
     assert received.headers["content-length"] == str(body.length)
     assert "transfer-encoding" not in received.headers
     assert released_while_open
-
-
-async def test_wait_without_cancelling_returns_result() -> None:
-    async def quick() -> int:
-        return 7
-
-    assert await wait_without_cancelling(quick(), timeout=5) == 7
-
-
-async def test_wait_without_cancelling_lets_late_task_finish() -> None:
-    release = asyncio.Event()
-    finished = asyncio.Event()
-
-    async def slow() -> str:
-        await release.wait()
-        finished.set()
-        return "late"
-
-    with pytest.raises(TimeoutError):
-        await wait_without_cancelling(slow(), timeout=0.05)
-    release.set()
-    await asyncio.wait_for(finished.wait(), timeout=5)
-
-    # Not cancelled at the timeout: it ran to its end once released.
-    assert finished.is_set()

@@ -33,7 +33,7 @@ from pocketllm.providers.catalogue import ProviderTarget
 from pocketllm.providers.errors import ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.guard import ProviderUnreachable, ProviderUrlNotAllowed
 from pocketllm.providers.http import ProviderHttp, provider_error_message, scrub_secret
-from pocketllm.providers.network import AsyncioStream
+from pocketllm.providers.network import io_deadline
 
 log = structlog.get_logger(__name__)
 
@@ -228,35 +228,30 @@ async def download_image(http: ProviderHttp, url: str, *, provider: str, timeout
 
     The request carries no Authorization header: the URL is a signed URL, often on another host, and the
     user's key must not travel there. Redirects are not followed. The URL is never logged or quoted,
-    because its query string is a credential. `timeout` bounds each step of the request, and the whole
-    download from its start to the end of the body. The body's bound is a read deadline on the connection
+    because its query string is a credential. `timeout` bounds the whole download, as an `io_deadline`
     rather than a task cancellation, which could leave the connection checked out of httpcore's pool.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     try:
-        async with http.guard.stream(http.client, "GET", url, timeout=timeout) as response:
-            stream = response.extensions.get("network_stream")
-            if isinstance(stream, AsyncioStream):
-                stream.set_read_deadline(max(deadline - loop.time(), 0.0))
-            if response.status_code >= 300:
-                log.info("images.download_failed", provider=provider, status=response.status_code)
-                raise InvalidImageResponse(
-                    f"Downloading the image that {provider} generated failed with HTTP {response.status_code}; "
-                    "try again later."
-                )
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.strip().isdigit() and int(declared) > max_image_bytes:
-                raise _too_large(provider, max_image_bytes)
-
-            chunks: list[bytes] = []
-            total = 0
-            async for chunk in response.aiter_bytes(_READ_CHUNK_BYTES):
-                total += len(chunk)
-                if total > max_image_bytes:
+        with io_deadline(timeout):
+            async with http.guard.stream(http.client, "GET", url, timeout=timeout) as response:
+                if response.status_code >= 300:
+                    log.info("images.download_failed", provider=provider, status=response.status_code)
+                    raise InvalidImageResponse(
+                        f"Downloading the image that {provider} generated failed with HTTP {response.status_code}; "
+                        "try again later."
+                    )
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.strip().isdigit() and int(declared) > max_image_bytes:
                     raise _too_large(provider, max_image_bytes)
-                chunks.append(chunk)
-            return b"".join(chunks)
+
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_bytes(_READ_CHUNK_BYTES):
+                    total += len(chunk)
+                    if total > max_image_bytes:
+                        raise _too_large(provider, max_image_bytes)
+                    chunks.append(chunk)
+                return b"".join(chunks)
     except (TimeoutError, httpx.TimeoutException) as error:
         log.info("images.download_timed_out", provider=provider, error=type(error).__name__)
         raise ProviderTimeout(f"Downloading the image that {provider} generated timed out; try again later.") from error

@@ -30,8 +30,9 @@ SYSTEM_ALLOCATOR = "malloc"
 CHECK_INTERVAL_SECONDS = 5.0
 # RSS growth since the last trim that makes the next quiet check trim again.
 MIN_GROWTH_BYTES = 16 * 1024 * 1024
-# Tasks over the quietest count seen that still count as quiet: a few requests in flight.
-QUIET_TASK_MARGIN = 16
+# Tasks over the quietest count seen that still count as quiet. An open reply stream runs in about three
+# (the request, the reply and the disconnect watcher), so this allows about 20 of them.
+QUIET_TASK_MARGIN = 64
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -91,6 +92,7 @@ def use_system_allocator() -> None:
     """
     if not wants_system_allocator(os.environ):
         return
+    log.info("server.restarting", reason="PYTHONMALLOC=malloc, so that memory can go back to the system")
     environment = {**os.environ, ALLOCATOR_VARIABLE: SYSTEM_ALLOCATOR}
     # The same interpreter and arguments that started this process, so no shell and no outside input.
     os.execve(sys.executable, sys.orig_argv, environment)  # noqa: S606
@@ -153,6 +155,7 @@ class MemoryTrimmer:
             rss_after_mib=round(rss_after / 2**20, 1),
             idle_connections_closed=closed,
             tasks=tasks,
+            pid=os.getpid(),
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return rss_after

@@ -13,8 +13,8 @@ import structlog
 from pocketllm.errors import PocketLLMError
 from pocketllm.kit.cache import JsonCache
 from pocketllm.providers.clients import anthropic, openai
-from pocketllm.providers.errors import ProviderTimeout
-from pocketllm.providers.http import ProviderHttp, wait_without_cancelling
+from pocketllm.providers.http import ProviderHttp
+from pocketllm.providers.network import io_deadline
 from pocketllm.providers.registry import Capability, Protocol, ProviderSpec
 from pocketllm.providers.schemas import ModelPricing, ProviderModel
 
@@ -91,20 +91,16 @@ class Catalogue:
                 return [ProviderModel.model_validate(entry) for entry in cached]
 
         client = anthropic if target.spec.protocol is Protocol.ANTHROPIC else openai
-        try:
-            raw = await wait_without_cancelling(
-                client.list_models(
-                    self._http,
-                    provider=target.provider,
-                    models_url=target.models_url,
-                    api_key=target.api_key,
-                    timeout=self.timeout_seconds,
-                ),
-                # A paginated list makes several requests; bound the whole fetch, not just each request.
-                timeout=self.timeout_seconds * 2,
+        # A paginated list makes several requests, so the whole fetch is bounded, not just each request.
+        # A provider that sends its body a byte at a time would otherwise hold the connection for good.
+        with io_deadline(self.timeout_seconds * 2):
+            raw = await client.list_models(
+                self._http,
+                provider=target.provider,
+                models_url=target.models_url,
+                api_key=target.api_key,
+                timeout=self.timeout_seconds,
             )
-        except TimeoutError as error:
-            raise ProviderTimeout(f"{target.provider} did not list its models in time.") from error
 
         models = normalise_models(target.spec, raw)
         await self._cache.set(key, [model.model_dump(mode="json") for model in models], self.ttl_seconds)

@@ -22,7 +22,7 @@ from pocketllm.errors import PocketLLMError
 from pocketllm.kit.sse import SseDecoder, SseEvent, SseEventTooLarge
 from pocketllm.providers.errors import ContextLengthExceeded, ProviderRequestFailed, ProviderTimeout
 from pocketllm.providers.http import MAX_RESPONSE_BYTES, ProviderHttp, read_limited, undecodable_body
-from pocketllm.providers.network import AsyncioStream
+from pocketllm.providers.network import AsyncioStream, io_deadline
 from pocketllm.providers.registry import Protocol, ProviderSpec
 
 if TYPE_CHECKING:
@@ -236,18 +236,17 @@ async def read_to_end(events: AsyncGenerator[SseEvent, None], response: httpx.Re
     it otherwise. Without this read, each streamed reply would open a new connection (with TLS, a new
     handshake). What follows the last event, usually only the end of the chunked body, is discarded.
 
-    The time limit is a read deadline on the connection (`AsyncioStream.set_read_deadline`), not a task
-    cancellation, which could leave the connection checked out of httpcore's pool for good.
+    The time limit is an `io_deadline`, not a task cancellation, which could leave the connection checked
+    out of httpcore's pool for good.
     """
-    stream = response.extensions.get("network_stream")
-    if not isinstance(stream, AsyncioStream):
-        # Only the provider clients' own transport can take a deadline. Closing the response unread
+    if not isinstance(response.extensions.get("network_stream"), AsyncioStream):
+        # Only the provider clients' own transport applies the deadline. Closing the response unread
         # closes the connection.
         return
-    stream.set_read_deadline(END_OF_BODY_WAIT_SECONDS)
     try:
-        async for _ in events:
-            pass
+        with io_deadline(END_OF_BODY_WAIT_SECONDS):
+            async for _ in events:
+                pass
     except PocketLLMError:
         # The reply is complete, so only the connection is lost: httpcore closes it.
         pass

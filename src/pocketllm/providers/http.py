@@ -6,17 +6,16 @@ provider text reaches our responses or logs without `scrub_secret` first.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json as jsonlib
 import math
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import structlog
@@ -210,7 +209,8 @@ class _TransportErrors:
             # Every connection that PROVIDER_MAX_CONNECTIONS allows was busy for the whole timeout.
             log.warning("provider.connections_exhausted", provider=provider)
             raise ProviderTimeout(
-                f"The server's connections to {provider} were all in use for longer than the timeout; try again later."
+                f"The server had no free connection for this request to {provider} within the timeout, because "
+                "its provider connections were all in use; try again later."
             ) from error
         if isinstance(error, httpx.TimeoutException):
             log.info("provider.timed_out", provider=provider, error=type(error).__name__)
@@ -383,27 +383,3 @@ def raise_for_provider_status(
     detail = provider_error_message(response, secret)
     suffix = f": {detail}" if detail else "."
     raise ProviderRequestFailed(f"{provider} responded with HTTP {status}{suffix}")
-
-
-_T = TypeVar("_T")
-
-
-async def wait_without_cancelling(coroutine: Coroutine[Any, Any, _T], timeout: float) -> _T:
-    """Run `coroutine` in a task of its own and return its result, or raise TimeoutError after `timeout` seconds.
-
-    A late task is left to finish rather than cancelled, and its result or error is dropped. Cancelling a
-    task while httpx closes a response can leave the connection checked out of httpcore's pool for good
-    (httpcore 1.0.9), so give each request in `coroutine` a timeout of its own, which ends it.
-    """
-    task = asyncio.ensure_future(coroutine)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        task.add_done_callback(_drop_result)
-        raise TimeoutError
-    return task.result()
-
-
-def _drop_result(task: asyncio.Future[Any]) -> None:
-    # Reading the error keeps asyncio from logging "Task exception was never retrieved" for a late failure.
-    if not task.cancelled():
-        task.exception()

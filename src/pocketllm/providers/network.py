@@ -14,10 +14,11 @@ the `sni_hostname` extension, and httpcore passes both down to `connect_tcp` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import socket
 import ssl
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator
 from http.cookiejar import Cookie, CookieJar
 from typing import Any, TypeVar, cast
 
@@ -28,6 +29,38 @@ import httpx
 READ_BUFFER_LIMIT = 256 * 1024
 
 _T = TypeVar("_T")
+
+# The loop time after which this task's connects, reads and writes on provider connections time out.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("provider_io_deadline", default=None)
+
+
+@contextlib.contextmanager
+def io_deadline(seconds: float) -> Iterator[None]:
+    """Make provider connections time out in this block once `seconds` have passed, on top of their own timeouts.
+
+    Every connect, TLS handshake, read and write of a provider connection in the block, in this task and
+    in tasks it starts, waits at most until the deadline. httpcore then gets its usual timeout errors: it
+    closes the connection and takes it out of its pool. Cancelling the task instead, with
+    asyncio.timeout(), can interrupt httpcore while it closes a response, and httpcore 1.0.9 then keeps
+    the connection checked out of its pool for good. Only this module's transport applies the deadline.
+    A nested block can shorten the deadline but not extend it.
+    """
+    deadline = asyncio.get_running_loop().time() + seconds
+    outer = _deadline.get()
+    token = _deadline.set(deadline if outer is None else min(outer, deadline))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _until_deadline(timeout: float | None) -> float | None:
+    """Return `timeout` shortened to what is left of this task's `io_deadline`, if there is one."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return timeout
+    remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    return remaining if timeout is None else min(timeout, remaining)
 
 
 class _ConnectionProtocol(asyncio.Protocol):
@@ -130,32 +163,18 @@ async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> None:
 class AsyncioStream(httpcore.AsyncNetworkStream):
     """One TCP connection, or the TLS connection over it after `start_tls`, as httpcore reads and writes it."""
 
-    __slots__ = ("_protocol", "_read_deadline", "_transport")
+    __slots__ = ("_protocol", "_transport")
 
     def __init__(self, transport: asyncio.Transport, protocol: _ConnectionProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
-        self._read_deadline: float | None = None
-
-    def set_read_deadline(self, seconds: float) -> None:
-        """Make reads of the current response fail with httpcore.ReadTimeout once `seconds` have passed.
-
-        httpcore handles the timeout like any other: it closes the connection and takes it out of the pool.
-        Cancelling the reading task instead, with asyncio.timeout(), can interrupt httpcore while it closes
-        the response, and httpcore 1.0.9 then keeps the connection checked out of its pool for good. The
-        deadline ends with the next write, which starts the connection's next request.
-        """
-        self._read_deadline = asyncio.get_running_loop().time() + seconds
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Return up to `max_bytes` received bytes, or b"" once the server closed the connection cleanly."""
         protocol = self._protocol
         if not protocol.chunks and not protocol.eof:
-            loop = asyncio.get_running_loop()
-            if self._read_deadline is not None:
-                remaining = max(self._read_deadline - loop.time(), 0.0)
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            waiter = protocol.read_waiter = loop.create_future()
+            timeout = _until_deadline(timeout)
+            waiter = protocol.read_waiter = asyncio.get_running_loop().create_future()
             try:
                 await _wait(waiter, timeout)
             except TimeoutError:
@@ -172,13 +191,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         """Send `buffer`, waiting while the transport's write buffer is over its limit."""
         if not buffer:
             return
-        self._read_deadline = None
         protocol = self._protocol
         if protocol.error is not None or self._transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
         self._transport.write(buffer)
         if not protocol.writing_paused:
             return
+        timeout = _until_deadline(timeout)
         waiter = protocol.write_waiter = asyncio.get_running_loop().create_future()
         try:
             await _wait(waiter, timeout)
@@ -198,6 +217,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     ) -> httpcore.AsyncNetworkStream:
         """Run the TLS handshake, verifying the certificate for `server_hostname`, and return the TLS stream."""
         loop = asyncio.get_running_loop()
+        timeout = _until_deadline(timeout)
         try:
             async with asyncio.timeout(timeout):
                 tls_transport = await loop.start_tls(
@@ -248,6 +268,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         opening = loop.create_connection(
             _ConnectionProtocol, host, port, local_addr=(local_address, 0) if local_address else None
         )
+        timeout = _until_deadline(timeout)
         try:
             async with asyncio.timeout(timeout):
                 transport, protocol = await _outside_request_context(opening)
