@@ -602,3 +602,38 @@ async def test_dripping_download_ends_at_deadline(dripped: str) -> None:
     # Ended by the download's own deadline, not by the response's end or the client's 10 s read timeout.
     assert elapsed < 2
     assert connection_closed.is_set()
+
+
+async def test_trickling_generation_ends_at_deadline() -> None:
+    # A chunked body of one space a tenth of a second, for ever: each read is well within the read timeout.
+    connection_closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        client_gone = asyncio.create_task(read_until_closed(reader))
+        while not client_gone.done():
+            writer.write(b"1\r\n \r\n")
+            await asyncio.sleep(0.1)
+        connection_closed.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
+    async with ProviderClient(transport=transport, trust_env=False, timeout=10) as client:
+        http = ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver))
+        target = ProviderTarget(spec=PROVIDERS["openai"], base_url=base_url, api_key="sk-test-trickle")
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeout):
+            await generate(http, target, ImageRequest(PROMPT, "dall-e-2"), timeout=SHORT_TIMEOUT_SECONDS)
+        elapsed = time.monotonic() - started
+        await asyncio.wait_for(connection_closed.wait(), timeout=5)
+    server.close()
+
+    # Ended by the whole call's bound, not by the client's 10 s read timeout.
+    assert elapsed < 3
+    assert connection_closed.is_set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import ssl
 import subprocess
@@ -117,3 +118,36 @@ async def test_trimmer_waits_until_load_is_gone() -> None:
     # Once: the memory that is still in use after a trim does not make the next checks trim again.
     assert trimmer.trims == 1
     assert connections_closed == 1
+
+
+async def test_trimmer_counts_growth_from_lowest_rss() -> None:
+    # Memory that is in use when the trimmer starts, and freed later, must not hide the next growth.
+    ballast = [bytes(200) + index.to_bytes(4, "little") for index in range(200_000)]
+    closed: list[int] = []
+
+    async def close_idle_connections() -> int:
+        closed.append(1)
+        return 0
+
+    trimmer = MemoryTrimmer(
+        close_idle_connections, interval_seconds=0.01, min_growth_bytes=8 * 2**20, quiet_task_margin=8
+    )
+    stop = asyncio.Event()
+    trimmer_task = asyncio.create_task(trimmer.run(stop))
+    try:
+        await wait_until(lambda: trimmer.checks >= 2)
+        del ballast
+        gc.collect()
+        checks_after_free = trimmer.checks
+        await wait_until(lambda: trimmer.checks >= checks_after_free + 3)
+        trims_before_growth = trimmer.trims
+
+        ballast = [bytes(200) + index.to_bytes(4, "little") for index in range(200_000)]
+        await wait_until(lambda: trimmer.trims > trims_before_growth)
+    finally:
+        stop.set()
+        await trimmer_task
+
+    assert len(ballast) == 200_000
+    assert trims_before_growth == 0
+    assert trimmer.trims == 1

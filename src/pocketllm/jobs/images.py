@@ -98,8 +98,8 @@ async def generate_images(
 ) -> ImageResult:
     """Generate images and return them checked, with their cost and the provider's usage.
 
-    `timeout` (seconds) bounds the generation request and each image download. The request is validated
-    again here, so only the parameters its model takes are sent. Raises the InvalidInput errors of
+    `timeout` (seconds) bounds the whole generation request and each whole image download. The request
+    is validated again here, so only the parameters its model takes are sent. Raises the InvalidInput errors of
     `validate_image_request`, ImageRequestRejected, ProviderAuthFailed, ProviderRateLimited,
     ProviderTimeout, ProviderRequestFailed and its subclasses InvalidImageResponse and GeneratedImageTooLarge,
     and ProviderUrlNotAllowed for an image URL that the guard blocks.
@@ -115,18 +115,21 @@ async def generate_images(
         suffix = f": {detail}" if detail else f" (HTTP {response.status_code}); check the model, size and prompt."
         return ImageRequestRejected(f"{provider} rejected the image request{suffix}")
 
-    body = await http.request_json(
-        "POST",
-        f"{target.base_url}/images/generations",
-        provider=provider,
-        secret=target.api_key,
-        headers=headers,
-        json=build_request_body(provider, request),
-        timeout=timeout,
-        map_error=map_error,
-        # Base64 takes four characters for three bytes; the rest of the body is small.
-        max_response_bytes=request.n * (max_image_bytes * 4 // 3 + 4) + _RESPONSE_OVERHEAD_BYTES,
-    )
+    # The whole call, not only each read: a provider that sends its response a byte at a time would
+    # otherwise keep a worker slot and a connection for as long as it likes.
+    with io_deadline(timeout):
+        body = await http.request_json(
+            "POST",
+            f"{target.base_url}/images/generations",
+            provider=provider,
+            secret=target.api_key,
+            headers=headers,
+            json=build_request_body(provider, request),
+            timeout=timeout,
+            map_error=map_error,
+            # Base64 takes four characters for three bytes; the rest of the body is small.
+            max_response_bytes=request.n * (max_image_bytes * 4 // 3 + 4) + _RESPONSE_OVERHEAD_BYTES,
+        )
 
     items = _response_items(body, provider=provider, secret=target.api_key)
     images: list[GeneratedImage] = []

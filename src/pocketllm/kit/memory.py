@@ -137,6 +137,8 @@ class MemoryTrimmer:
                 rss = rss_bytes()
                 tasks = len(asyncio.all_tasks())
                 quietest_tasks = min(quietest_tasks, tasks)
+                # Growth counts from the lowest RSS since the last trim, which can fall below what the trim left.
+                baseline_rss = min(baseline_rss, rss)
                 if rss - baseline_rss >= self._min_growth_bytes and tasks <= quietest_tasks + self._quiet_task_margin:
                     baseline_rss = await self._trim(rss, tasks)
             except Exception:

@@ -117,6 +117,10 @@ class ProviderHttp:
     ) -> Any:
         """Send a request and return its decoded JSON body, raising a domain error on any failure.
 
+        NOTE: `timeout` bounds each read, not the whole call. Callers that need a bound on the whole call
+        wrap it in `io_deadline`. Chat replies do not yet, so a provider that sends a byte within every
+        read timeout keeps the connection as long as it goes on.
+
         `map_error` is given error responses other than redirects, 401, 403 and 429 (see
         `raise_for_provider_status`). A body larger than `max_response_bytes` raises ProviderResponseTooLarge
         as soon as the limit is passed, so a provider cannot fill the server's memory.
