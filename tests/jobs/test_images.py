@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
-import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +33,6 @@ from pocketllm.providers.errors import (
 )
 from pocketllm.providers.guard import OutboundGuard, ProviderUrlNotAllowed
 from pocketllm.providers.http import ProviderHttp
-from pocketllm.providers.network import ProviderClient, ProviderTransport
 from pocketllm.providers.registry import PROVIDERS
 from tests.conftest import loopback_only_resolver
 from tests.fakes.provider import (
@@ -46,6 +43,7 @@ from tests.fakes.provider import (
     make_png,
     revise_prompt,
 )
+from tests.fakes.trickle import CHUNKED_JSON_HEAD, provider_http_on_server_transport, trickling_server
 
 PROMPT = "a red fox in the snow"
 MAX_IMAGE_BYTES = 1024 * 1024
@@ -559,81 +557,45 @@ async def test_redirected_image_url_is_not_followed(fake: FakeProvider, http: Pr
     assert "HTTP 302" in raised.value.message
 
 
-async def read_until_closed(reader: asyncio.StreamReader) -> None:
-    with contextlib.suppress(ConnectionError):
-        await reader.read()
-
-
 @pytest.mark.parametrize("dripped", ["head", "body"])
 async def test_dripping_download_ends_at_deadline(dripped: str) -> None:
-    # Each byte comes well within the read timeout, but the whole response would take about 8 s.
-    connection_closed = asyncio.Event()
+    # The whole response would take 8 s (head) or 4 s (body) at one byte a tenth of a second.
     head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 40\r\n\r\n"
+    sent_at_once, trickled = (b"", head + b"x" * 40) if dripped == "head" else (head, b"x" * 40)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        # Ends once the client has closed the connection. With bytes it had not read, the close is a reset.
-        client_gone = asyncio.create_task(read_until_closed(reader))
-        dripping = head + b"x" * 40 if dripped == "head" else b"x" * 40
-        if dripped == "body":
-            writer.write(head)
-        for byte in dripping:
-            if client_gone.done():
-                break
-            writer.write(bytes([byte]))
-            await asyncio.sleep(0.1)
-        await client_gone
-        connection_closed.set()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/image.png"
-    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
-    async with ProviderClient(transport=transport, trust_env=False, timeout=10) as client:
-        http = ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver))
+    async with (
+        trickling_server(sent_at_once=sent_at_once, trickled=trickled) as server,
+        provider_http_on_server_transport() as http,
+    ):
         started = time.monotonic()
         with pytest.raises(ProviderTimeout):
             await download_image(
-                http, url, provider="openai", timeout=SHORT_TIMEOUT_SECONDS, max_image_bytes=MAX_IMAGE_BYTES
+                http,
+                f"{server.url}/image.png",
+                provider="openai",
+                timeout=SHORT_TIMEOUT_SECONDS,
+                max_image_bytes=MAX_IMAGE_BYTES,
             )
         elapsed = time.monotonic() - started
-        await asyncio.wait_for(connection_closed.wait(), timeout=5)
-    server.close()
+        await asyncio.wait_for(server.closed_by_client.wait(), timeout=5)
 
     # Ended by the download's own deadline, not by the response's end or the client's 10 s read timeout.
     assert elapsed < 2
-    assert connection_closed.is_set()
+    assert server.closed_by_client.is_set()
 
 
 async def test_trickling_generation_ends_at_deadline() -> None:
-    # A chunked body of one space a tenth of a second, for ever: each read is well within the read timeout.
-    connection_closed = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        client_gone = asyncio.create_task(read_until_closed(reader))
-        while not client_gone.done():
-            writer.write(b"1\r\n \r\n")
-            await asyncio.sleep(0.1)
-        connection_closed.set()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
-    async with ProviderClient(transport=transport, trust_env=False, timeout=10) as client:
-        http = ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver))
-        target = ProviderTarget(spec=PROVIDERS["openai"], base_url=base_url, api_key="sk-test-trickle")
+    async with (
+        trickling_server(sent_at_once=CHUNKED_JSON_HEAD, trickled=None) as server,
+        provider_http_on_server_transport() as http,
+    ):
+        target = ProviderTarget(spec=PROVIDERS["openai"], base_url=f"{server.url}/v1", api_key="sk-test-trickle")
         started = time.monotonic()
         with pytest.raises(ProviderTimeout):
             await generate(http, target, ImageRequest(PROMPT, "dall-e-2"), timeout=SHORT_TIMEOUT_SECONDS)
         elapsed = time.monotonic() - started
-        await asyncio.wait_for(connection_closed.wait(), timeout=5)
-    server.close()
+        await asyncio.wait_for(server.closed_by_client.wait(), timeout=5)
 
     # Ended by the whole call's bound, not by the client's 10 s read timeout.
     assert elapsed < 3
-    assert connection_closed.is_set()
+    assert server.closed_by_client.is_set()

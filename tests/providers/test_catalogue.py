@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from pocketllm.kit.cache import MemoryCache
 from pocketllm.providers.catalogue import Catalogue, ProviderTarget, normalise_model, normalise_models
 from pocketllm.providers.errors import ProviderTimeout
-from pocketllm.providers.guard import OutboundGuard
-from pocketllm.providers.http import ProviderHttp
-from pocketllm.providers.network import ProviderClient, ProviderTransport
 from pocketllm.providers.registry import PROVIDERS
-from tests.conftest import loopback_only_resolver
+from tests.fakes.trickle import CHUNKED_JSON_HEAD, provider_http_on_server_transport, trickling_server
 
 OPENAI = PROVIDERS["openai"]
 OPENROUTER = PROVIDERS["openrouter"]
@@ -157,43 +151,19 @@ def test_models_url_follows_custom_base_url() -> None:
     assert anthropic.models_url == "http://127.0.0.1:9000/v1/models"
 
 
-async def read_until_closed(reader: asyncio.StreamReader) -> None:
-    with contextlib.suppress(ConnectionError):
-        await reader.read()
-
-
 async def test_trickling_model_list_ends_at_deadline() -> None:
-    # A chunked body of one space a tenth of a second, for ever: each read is well within the read timeout.
-    connection_closed = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        # Ends once the client has closed the connection. With bytes it had not read, the close is a reset.
-        client_gone = asyncio.create_task(read_until_closed(reader))
-        while not client_gone.done():
-            writer.write(b"1\r\n \r\n")
-            await asyncio.sleep(0.1)
-        connection_closed.set()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    transport = ProviderTransport(ssl_context=ssl.create_default_context(), limits=httpx.Limits())
-    async with ProviderClient(transport=transport, trust_env=False, timeout=10) as client:
-        catalogue = Catalogue(
-            ProviderHttp(client, OutboundGuard(allow_private=True, resolver=loopback_only_resolver)),
-            MemoryCache(),
-            ttl_seconds=60,
-            timeout_seconds=0.3,
-        )
-        target = ProviderTarget(spec=PROVIDERS["custom"], base_url=base_url, api_key=None)
+    async with (
+        trickling_server(sent_at_once=CHUNKED_JSON_HEAD, trickled=None) as server,
+        provider_http_on_server_transport() as http,
+    ):
+        catalogue = Catalogue(http, MemoryCache(), ttl_seconds=60, timeout_seconds=0.3)
+        target = ProviderTarget(spec=PROVIDERS["custom"], base_url=f"{server.url}/v1", api_key=None)
         started = time.monotonic()
         with pytest.raises(ProviderTimeout):
             await catalogue.fetch(target)
         elapsed = time.monotonic() - started
-        await asyncio.wait_for(connection_closed.wait(), timeout=5)
-    server.close()
+        await asyncio.wait_for(server.closed_by_client.wait(), timeout=5)
 
     # Ended by the bound on the whole list (twice the timeout), not by the client's 10 s read timeout.
     assert elapsed < 3
-    assert connection_closed.is_set()
+    assert server.closed_by_client.is_set()
