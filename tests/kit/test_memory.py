@@ -25,11 +25,11 @@ needs_glibc = pytest.mark.skipif(not can_trim(), reason="needs glibc's malloc_tr
 _FRAGMENTED_HEAP = """
 from pocketllm.kit.memory import rss_bytes, trim_heap
 objects = [bytes(100) + index.to_bytes(4, "little") for index in range(600_000)]
-kept = objects[::512]
+survivors = objects[::512]
 del objects
 before = rss_bytes()
 trim_heap()
-print(before / 2**20, rss_bytes() / 2**20, len(kept))
+print(before / 2**20, rss_bytes() / 2**20, len(survivors))
 """
 
 

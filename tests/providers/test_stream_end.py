@@ -34,7 +34,7 @@ _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encodin
 
 @dataclass
 class StreamServer:
-    """Sends `_EVENTS`, then ends the body after `body_end_delays[n]` seconds for its n-th response.
+    """A server that sends `_EVENTS`, then ends the body after `body_end_delays[n]` seconds for its n-th response.
 
     None ends it never. `first_byte_delays` delays a whole response the same way.
     """
@@ -146,8 +146,8 @@ async def test_late_body_end_near_deadline_keeps_no_connection() -> None:
 
 @pytest.mark.parametrize("provider_transport", [True, False])
 async def test_body_end_never_sent_closes_connection(provider_transport: bool) -> None:
-    # On the server's transport the wait for the body's end runs out. httpx's own transport takes no read
-    # deadline, so there the connection is closed without the wait.
+    # On the server's transport the wait for the body's end runs out. httpx's own transport applies no
+    # io_deadline, so there the connection is closed without the wait.
     server = StreamServer(body_end_delays=[None])
 
     async with serving(server, provider_transport=provider_transport) as (http, _, target):

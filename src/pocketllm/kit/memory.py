@@ -103,10 +103,11 @@ class MemoryTrimmer:
 
     Every `interval_seconds` it reads the RSS and counts the loop's unfinished tasks: uvicorn runs each
     request in a task, and each reply runs in another. It trims when the RSS has grown by `min_growth_bytes`
-    since the last trim (or since it started) and the task count is within `quiet_task_margin` of the
-    quietest count seen. Under a steady load the task count stays high, so nothing is trimmed until the
-    load goes. Before trimming it closes idle provider connections with `close_idle_connections`, because
-    each keeps buffers spread over the heap and a burst leaves up to a pool's worth of them.
+    over its lowest value since the last trim (or since it started), and the task count is within
+    `quiet_task_margin` of the quietest count seen. Under a steady load the task count stays high, so
+    nothing is trimmed until the load goes. Before trimming it closes idle provider connections with
+    `close_idle_connections`, because each keeps buffers spread over the heap and a burst leaves up to a
+    pool's worth of them.
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class MemoryTrimmer:
         """Check every interval until `stop` is set. Errors are logged, and the next check runs as usual."""
         baseline_rss = rss_bytes()
         quietest_tasks = len(asyncio.all_tasks())
-        while not stop.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._interval_seconds)
             if stop.is_set():
@@ -137,7 +138,7 @@ class MemoryTrimmer:
                 rss = rss_bytes()
                 tasks = len(asyncio.all_tasks())
                 quietest_tasks = min(quietest_tasks, tasks)
-                # Growth counts from the lowest RSS since the last trim, which can fall below what the trim left.
+                # The RSS can fall below what the last trim left, and growth counts from the lowest value.
                 baseline_rss = min(baseline_rss, rss)
                 if rss - baseline_rss >= self._min_growth_bytes and tasks <= quietest_tasks + self._quiet_task_margin:
                     baseline_rss = await self._trim(rss, tasks)
